@@ -1,0 +1,5 @@
+"""``python -m ctxaware`` runs the command-line interface."""
+
+from ctxaware.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Command-line interface: ``ctxaware <command>``; see :mod:`ctxaware.cli.main`."""

@@ -1,0 +1,86 @@
+"""Config dataclasses shared by the library and the CLI.
+
+Every config is a dataclass whose fields carry ``metadata={"help": ...}``; that help text is reused
+verbatim by the CLI (see :mod:`ctxaware.cli.options`). :class:`ConfigMixin` gives each config a
+round trip to dict / YAML / JSON files, with unknown keys rejected by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError, InputFileNotFoundError
+
+T = TypeVar("T", bound="ConfigMixin")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          choices: tuple | None = None, metavar: str | None = None, cli: bool = True) -> Any:
+    """A dataclass field with CLI help (and optional choices/metavar) in its metadata."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping from ``path``; one-line errors for missing or malformed files."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileNotFoundError(f"config file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+class ConfigMixin:
+    """Round trip of a config dataclass to dicts and YAML/JSON files."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = set(cls.field_names())
+        unknown = [k for k in data if k.replace("-", "_") not in names]
+        if unknown:
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
+                     for k in unknown]
+            raise ConfigError(f"unknown {cls.__name__} option(s): {', '.join(hints)}")
+        return cls(**{k.replace("-", "_"): v for k, v in data.items()})  # type: ignore[call-arg]
+
+    @classmethod
+    def from_file(cls: type[T], path: str | Path) -> T:
+        return cls.from_dict(read_config_file(path))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if p.suffix == ".json" else self.to_yaml()
+        p.write_text(text, encoding="utf-8")
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
