@@ -1,0 +1,14 @@
+"""Conversations rendered with a chat template, with the role of every token.
+
+``render(tokenizer, messages)`` returns a :class:`RenderedChat`: token ids, one role per token
+(``system``/``user``/``assistant``/``template``) and each message's content span. See
+:mod:`ctxaware.chat.render` for how spans are derived from rendering.
+"""
+
+from __future__ import annotations
+
+from .render import from_sharegpt, load_messages, pad_left, render, render_batch, validate_messages
+from .types import MESSAGE_ROLES, ROLES, Message, RenderedChat, RoleSpan
+
+__all__ = ["MESSAGE_ROLES", "ROLES", "Message", "RenderedChat", "RoleSpan", "from_sharegpt", "load_messages",
+           "pad_left", "render", "render_batch", "validate_messages"]
