@@ -1,0 +1,97 @@
+"""NIH throughput: the ctxaware harness vs a plain one-cell-at-a-time loop on the same model and grid.
+
+The plain loop is what a straightforward NIH script does: for every cell it re-reads the haystack
+files, re-tokenises them, places the needle, renders the prompt and calls ``model.generate`` with
+batch size 1 from scratch (greedy). The harness tokenises the haystack once and reuses the KV cache
+of the prompt prefix shared between cells (or batches cells with ``--batch-size``). Both build the
+identical prompts, so the answers should match; the script prints the wall-time ratio and the
+number of identical answers.
+
+    python benchmarks/niah_throughput.py --quick                 # tiny grid, a minute or two on CPU
+    python benchmarks/niah_throughput.py                         # the quick preset's grid (slow on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+
+import torch
+
+from ctxaware.models import load_model
+from ctxaware.niah import NiahConfig, load_needle, read_haystack, run_niah
+from ctxaware.niah.haystack import Haystack
+from ctxaware.niah.prompts import build_prompt
+from ctxaware.niah.runner import greedy_kwargs, steering_config
+
+
+def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
+    """One cell at a time, nothing reused between cells."""
+    answers = {}
+    kwargs = greedy_kwargs(model, tokenizer, cfg.max_new_tokens)
+    for length in cfg.grid_lengths():
+        for depth in cfg.grid_depths():
+            for mode in cfg.modes:
+                needle = load_needle(cfg.needle)
+                hay = Haystack(read_haystack(cfg.haystack), tokenizer, cache=False)  # re-read, re-tokenise
+                place = hay.place(needle.needle, length, depth, reserve=cfg.reserve)
+                prompt = build_prompt(tokenizer, place.text, needle, mode, system=cfg.system,
+                                      system_message=cfg.system_message)
+                ids = torch.tensor([prompt.rendered.input_ids])
+                ctx = contextlib.nullcontext()
+                if prompt.steer:
+                    from ctxaware.steering import steer
+
+                    ctx = steer(model, steering_config(cfg), prompt.rendered)
+                with ctx, torch.inference_mode():
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                answers[(mode, length, depth)] = tokenizer.decode(out[0, ids.shape[1]:],
+                                                                  skip_special_tokens=True).strip()
+    return answers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--haystack", default="builtin")
+    ap.add_argument("--needle", default="SF")
+    ap.add_argument("--lengths", default=None, help="default: the quick preset's lengths")
+    ap.add_argument("--depths", default=None, help="default: the quick preset's depths")
+    ap.add_argument("--modes", default=None, help="default: the quick preset's modes")
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=1, help="harness batch size (1 = prefix-cache reuse)")
+    ap.add_argument("--quick", action="store_true", help="tiny grid: lengths 400,800 x depths 0,50,100, mode chat")
+    args = ap.parse_args()
+    over = {k: v for k, v in dict(lengths=args.lengths, depths=args.depths, modes=args.modes,
+                                  max_new_tokens=args.max_new_tokens).items() if v is not None}
+    if args.quick:
+        over = {"lengths": "400,800", "depths": "0,50,100", "modes": "chat", "max_new_tokens": 24, **over}
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.model)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = NiahConfig(model=args.model, haystack=args.haystack, needle=args.needle, out=out, progress=False,
+                         batch_size=args.batch_size, **over)
+        cells = len(cfg.grid_lengths()) * len(cfg.grid_depths()) * len(cfg.modes)
+        print(f"grid: lengths {cfg.grid_lengths()} x depths {cfg.grid_depths()} x modes {cfg.modes} "
+              f"= {cells} cells, max_new_tokens {cfg.max_new_tokens}, threads {torch.get_num_threads()}")
+        t0 = time.perf_counter()
+        plain = plain_loop(cfg, model, tok)
+        t_plain = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run = run_niah(cfg, model=model, tokenizer=tok, plot=False)
+        t_harness = time.perf_counter() - t0
+    same = sum(plain[(r["mode"], r["length"], r["depth"])] == r["answer"] for r in run.records)
+    prompt_tokens = sum(r["tokens"] for r in run.records)
+    print(f"plain loop : {t_plain:8.1f} s  ({prompt_tokens / t_plain:6.0f} prompt tok/s)")
+    print(f"harness    : {t_harness:8.1f} s  ({prompt_tokens / t_harness:6.0f} prompt tok/s)")
+    print(f"speed-up   : {t_plain / t_harness:.2f}x   identical answers: {same}/{len(run.records)}")
+    for r in run.records:
+        other = plain[(r["mode"], r["length"], r["depth"])]
+        if other != r["answer"]:
+            print(f"  differs at {r['mode']} L={r['length']} d={r['depth']}: {r['answer']!r} vs {other!r}")
+
+
+if __name__ == "__main__":
+    main()

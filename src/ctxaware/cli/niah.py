@@ -1,0 +1,66 @@
+"""Run the needle-in-a-haystack study (quick preset on the embedded model by default), or redraw its plots.
+
+``ctxaware niah [options]`` runs (or resumes) a study and prints the average recall error per
+mode; ``ctxaware niah plot DIR`` redraws the heatmaps of a results directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "needle-in-a-haystack study: recall by context length × depth, per mode (± template, ± steering)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..niah.config import PRESETS, NiahConfig
+    from .options import add_config_options
+
+    parser.add_argument("action", nargs="?", choices=("run", "plot"), default="run",
+                        help="run (default) the study, or plot: redraw the heatmaps and summary of DIR")
+    parser.add_argument("directory", nargs="?", metavar="DIR", help="results directory for 'plot'")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="quick",
+                        help="base settings: quick (CPU, embedded model, minutes) or paper (20 x 20 grid of "
+                             "METHOD §5); options given explicitly override it; the defaults shown below "
+                             "are the quick preset's")
+    parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of NIH options (between preset and options)")
+    add_config_options(parser, NiahConfig)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..niah.plot import plot_results
+    from ..niah.results import read_records, write_summary
+    from ..niah.scoring import format_table
+
+    directory = args.directory or args.out
+    if not directory:
+        raise ConfigError("ctxaware niah plot needs a results directory: ctxaware niah plot DIR")
+    records = read_records(directory)
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    summary = write_summary(directory, records, modes)
+    print(format_table(summary))
+    for p in plot_results(directory, records, modes):
+        print(f"wrote {Path(p)}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+
+    if args.action == "plot":
+        return _plot(args)
+    if args.directory:
+        raise ConfigError(f"unexpected argument {args.directory!r}; use --out DIR to choose the output directory")
+    from ..niah.config import NiahConfig, preset_values
+    from ..niah.runner import run_niah
+    from .options import config_from_args
+
+    config = config_from_args(NiahConfig, args, base=preset_values(args.preset))
+    result = run_niah(config)
+    print(f"NIH: {result.records[0]['model']} · needle {config.needle} · haystack {result.records[0]['haystack']} "
+          f"· {len(result.records)} cells ({result.new_cells} new)")
+    print(result.table())
+    print(f"results in {result.out}/ (results.jsonl, summary.md" + (", heatmaps" if result.plots else "") + ")")
+    return 0

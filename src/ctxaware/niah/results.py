@@ -1,0 +1,149 @@
+"""NIH result files: the resumable JSONL of cells, the manifest, and the summary.
+
+``results.jsonl`` gets one JSON line per finished cell, flushed and fsynced as soon as the cell
+is done, so ``kill -9`` loses at most the cells in flight. On reopening, a torn last line is cut
+off and the finished cells are skipped by their key. ``manifest.json`` records the configuration
+and library versions; a directory holding results of a different configuration is refused
+unless ``overwrite`` is set (which deletes its results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import ConfigError, InputError, InputFileNotFoundError
+from .scoring import format_table, summarize
+
+RESULTS = "results.jsonl"
+MANIFEST = "manifest.json"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+
+
+def cell_key(*, model: str, mode: str, needle: str, length: int, depth: float, haystack: str,
+             alpha: float | None = None, heads: str | None = None) -> str:
+    """The resume key of one cell; steering parameters only count for ``+steer`` modes."""
+    steer = f"|alpha={alpha:g}|heads={heads}" if "steer" in mode.split("+") else ""
+    return f"{model}|{mode}|{needle}|L={int(length)}|d={depth:g}|{haystack}{steer}"
+
+
+def versions() -> dict[str, str]:
+    """Versions of ctxaware, torch, transformers and Python."""
+    from .. import __version__
+
+    out = {"ctxaware": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for mod in ("torch", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:  # pragma: no cover
+            out[mod] = "missing"
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``results.jsonl`` (or of the one in a directory); a torn last line is ignored."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS
+    if not p.is_file():
+        raise InputFileNotFoundError(f"no NIH results at {p}")
+    records = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by an interruption; the cell is redone on resume
+    return records
+
+
+class ResultStore:
+    """The output directory of one study: manifest check, finished cells, appending new ones."""
+
+    def __init__(self, out: str | Path, study: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.dir = Path(out)
+        self.study = study
+        self.path = self.dir / RESULTS
+        self.done: dict[str, dict[str, Any]] = {}
+        self._open(overwrite)
+
+    def _open(self, overwrite: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.dir / MANIFEST
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text(encoding="utf-8")).get("study", {})
+            except json.JSONDecodeError:
+                old = None
+            if old != self.study:
+                if not overwrite:
+                    diff = sorted(k for k in set(self.study) | set(old or {})
+                                  if (old or {}).get(k) != self.study.get(k))
+                    raise ConfigError(f"{self.dir} holds NIH results of a different configuration (differs in: "
+                                      f"{', '.join(diff) or 'manifest unreadable'}); use another --out, or "
+                                      "--overwrite to discard them")
+                for name in (RESULTS, SUMMARY_JSON, SUMMARY_MD):
+                    (self.dir / name).unlink(missing_ok=True)
+                for png in self.dir.glob("*.png"):
+                    png.unlink()
+        elif self.path.is_file() and self.path.stat().st_size and not overwrite:
+            raise ConfigError(f"{self.path} exists without a manifest; use another --out or --overwrite")
+        elif overwrite:
+            self.path.unlink(missing_ok=True)
+        _write_json(manifest, {"study": self.study, "versions": versions(),
+                               "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        self._repair()
+        for r in read_records(self.path) if self.path.is_file() else []:
+            if "key" in r:
+                self.done[r["key"]] = r
+
+    def _repair(self) -> None:
+        """Cut a torn last line (from a kill mid-write) so appends start on a fresh line."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append finished cells and make them durable before returning."""
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.done[r["key"]] = r
+
+
+def write_summary(out: str | Path, records: list[dict[str, Any]], modes: list[str] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Write ``summary.json`` and ``summary.md`` (average recall error per mode); return the summary."""
+    out = Path(out)
+    if not records:
+        raise InputError(f"no finished NIH cells in {out}")
+    summary = summarize(records, modes)
+    _write_json(out / SUMMARY_JSON, {"modes": summary, **(extra or {})})
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    md = [f"# NIH summary: {records[0].get('model', '?')}, needle {records[0].get('needle', '?')}, "
+          f"haystack {records[0].get('haystack', '?')}", "",
+          f"Lengths (tokens): {', '.join(map(str, lengths))}; depths (%): {', '.join(f'{d:g}' for d in depths)}.",
+          "", format_table(summary, markdown=True), ""]
+    (out / SUMMARY_MD).write_text("\n".join(md), encoding="utf-8")
+    return summary

@@ -1,0 +1,64 @@
+"""Scoring NIH answers (subword recall) and summarising a grid of results.
+
+The score of one cell follows METHOD §5: lower-case the answer, turn punctuation into spaces,
+split on whitespace; recall is the fraction of the needle's keywords present as whole words.
+A grid is summarised per mode as the **average recall error** ``1 − mean recall``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+_PUNCT = re.compile(r"[^\w\s]|_")
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case ``text``, turn punctuation (and ``_``) into spaces and split on whitespace."""
+    return _PUNCT.sub(" ", text.lower()).split()
+
+
+def recall(answer: str, keywords: Sequence[str]) -> float:
+    """Fraction of ``keywords`` that occur as whole words in ``answer`` (0.0 when no keywords)."""
+    if not keywords:
+        return 0.0
+    words = set(normalize_words(answer))
+    return sum(1 for k in keywords if k.lower() in words) / len(keywords)
+
+
+def summarize(records: Iterable[dict[str, Any]], modes: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per mode: number of cells, mean recall, average recall error and mean prompt length."""
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_mode[r["mode"]].append(r)
+    order = list(modes) if modes else sorted(by_mode)
+    out: dict[str, dict[str, Any]] = {}
+    for mode in order:
+        rows = by_mode.get(mode, [])
+        if not rows:
+            continue
+        mean = sum(r["recall"] for r in rows) / len(rows)
+        out[mode] = {
+            "cells": len(rows),
+            "mean_recall": mean,
+            "avg_recall_error": 1.0 - mean,
+            "perfect_cells": sum(1 for r in rows if r["recall"] >= 1.0),
+            "mean_tokens": sum(r["tokens"] for r in rows) / len(rows),
+            "seconds": sum(r.get("seconds", 0.0) for r in rows),
+        }
+    return out
+
+
+def format_table(summary: dict[str, dict[str, Any]], *, markdown: bool = False) -> str:
+    """The summary as a text (or Markdown) table, one row per mode."""
+    head = ["mode", "cells", "avg recall error", "mean recall", "cells with recall 1", "seconds"]
+    rows = [[m, str(s["cells"]), f"{s['avg_recall_error']:.3f}", f"{s['mean_recall']:.3f}",
+             f"{s['perfect_cells']}/{s['cells']}", f"{s['seconds']:.0f}"] for m, s in summary.items()]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
