@@ -133,7 +133,7 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
     return i
 
 
-def _locate(full: str, variant: str, sentinel: str) -> tuple[int, int]:
+def _locate(full: str, variant: str) -> tuple[int, int]:
     p = _common_prefix(full, variant)
     s = _common_suffix(full, variant, min(len(full), len(variant)) - p)
     return p, len(full) - s
@@ -159,7 +159,7 @@ def _char_spans(tokenizer: Any, messages: list[dict[str, str]], text: str, rende
         if variant.count(sentinel) != 1:
             raise TemplateError(f"the chat template uses the content of {where} {variant.count(sentinel)} times; "
                                 "role spans would be ambiguous")
-        start, end = _locate(text, variant, sentinel)
+        start, end = _locate(text, variant)
         if start > end:  # the content is a repeat of what surrounds it; the diff collapsed
             start = end = min(start, end)
         found = text[start:end]

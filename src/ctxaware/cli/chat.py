@@ -2,6 +2,7 @@
 
 ``ctxaware chat "What is the capital of France?"`` answers with the embedded default model;
 ``--alpha 0.9`` steers attention toward the user's turn (``--heads`` selects layers/heads).
+Steering is on as soon as any steering option (or ``--config``) is given.
 """
 
 from __future__ import annotations
@@ -13,12 +14,28 @@ import sys
 from ..errors import InputError
 
 HELP = "one greedy reply from the model (optionally steered toward the user's turn)"
+EPILOG = """\
+head SPEC syntax (--heads; 0-based indices, inclusive ranges, query heads under GQA):
+  all             every head of every layer (default)
+  0-11            every head of layers 0 to 11
+  0,2,5           every head of layers 0, 2 and 5
+  3:0,5;7:all     heads 0 and 5 of layer 3, and every head of layer 7
+  all:0-3         heads 0 to 3 of every layer
+Groups LAYERS[:HEADS] are separated by ";"; indices are checked against the model.
+
+examples:
+  ctxaware chat "Hi"
+  ctxaware chat "Hi" --alpha 0.9 --heads 0-11
+  ctxaware chat --messages chat.json --alpha 0.5 --emphasis last_user --json
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..steering.config import SteeringConfig
     from .options import add_config_options
 
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("message", nargs="?", help="the user message (read from stdin when omitted and "
                         "--messages is not given)")
     parser.add_argument("--messages", metavar="FILE", help="a JSON conversation (list of {role, content}) "
@@ -30,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
                         help="model dtype (default: float32)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    group = parser.add_argument_group("steering (off unless --alpha or --config is given)")
+    group = parser.add_argument_group("steering (off unless one of these options is given; then --alpha "
+                                      "defaults to 0.95)")
     group.add_argument("--config", metavar="FILE", help="steering config as YAML/JSON (SteeringConfig fields)")
     add_config_options(group, SteeringConfig)
 
@@ -62,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from .options import config_from_args
 
     steering = None
-    if args.alpha is not None or args.config:
+    if args.config or any(getattr(args, name, None) is not None for name in SteeringConfig.field_names()):
         steering = config_from_args(SteeringConfig, args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     reply = SteeredModel(model, tokenizer, steering).chat(messages, max_new_tokens=args.max_new_tokens)

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..attention.backend import get_impl, model_configs, set_impl
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -174,48 +175,20 @@ def _mass(query, key, attention_mask, scaling: float, plan: _Plan, softcap) -> t
     return torch.cat(outs, dim=2)
 
 
-def _configs(model) -> list[Any]:
-    """Every config the model's modules hold (and their sub-configs), once each."""
-    seen: dict[int, Any] = {}
-
-    def add(cfg: Any) -> None:
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation"):
-            return
-        seen[id(cfg)] = cfg
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            add(getattr(cfg, key, None))
-
-    add(getattr(model, "config", None))
-    for module in model.modules():
-        add(getattr(module, "config", None))
-    return list(seen.values())
-
-
-def _get_impl(cfg: Any) -> Any:
-    return cfg.__dict__.get("_attn_implementation_internal", cfg._attn_implementation)
-
-
-def _set_impl(cfg: Any, value: Any) -> None:
-    if "_attn_implementation_internal" in cfg.__dict__:
-        cfg._attn_implementation_internal = value  # no cascade to sub-configs: each is set on its own
-    else:  # pragma: no cover - configs without the internal attribute
-        cfg._attn_implementation = value
-
-
 @contextmanager
 def _measuring(model, plan: _Plan) -> Iterator[_Plan]:
     """Switch every config of ``model`` to the measuring implementation; restore in ``finally``."""
     _register()
-    configs = _configs(model)
-    saved = [(cfg, _get_impl(cfg)) for cfg in configs]
+    configs = model_configs(model)
+    saved = [(cfg, get_impl(cfg)) for cfg in configs]
     token = _ACTIVE.set(plan)
     try:
         for cfg in configs:
-            _set_impl(cfg, IMPL_NAME)
+            set_impl(cfg, IMPL_NAME)
         yield plan
     finally:
         for cfg, impl in saved:
-            _set_impl(cfg, impl)
+            set_impl(cfg, impl)
         _ACTIVE.reset(token)
 
 
@@ -266,7 +239,7 @@ def observe_mass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     plan = _Plan(layers=frozenset(layers), last_layer=layers[-1], heads=heads, queries=queries.long(),
-                 channels=channels, delegate=_delegate_name(_get_impl(model.config)))
+                 channels=channels, delegate=_delegate_name(get_impl(model.config)))
     decoder = _decoder(model)
     with torch.inference_mode(), _measuring(model, plan):
         try:

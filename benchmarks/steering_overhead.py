@@ -1,0 +1,312 @@
+"""Steering overhead: ctxaware's steered attention vs unsteered SDPA vs the reference (eager + mask hook).
+
+On the embedded model (or ``--model``), for chat prompts of each ``--lengths`` token count (a long
+document in the user turn, steered toward it), one run is a prefill plus ``--new-tokens`` greedy
+decoding steps with the KV cache. Rows:
+
+* ``plain``     — unsteered, ``sdpa`` (the model as loaded);
+* ``steered``   — ``ctxaware.steering.steer`` on top of ``sdpa`` (``ctxaware_sdpa``: prefill through
+  SDPA's fused causal kernel with one extra q/k channel, decode with a ``(B, H, 1, T)`` bias);
+* ``eager-hook`` — the reference approach: eager attention, and a forward pre-hook on every
+  attention module that adds ``log(alpha)`` to the additive mask, materialising a per-head
+  ``(B, H, Tq, Tk)`` mask (not in place, so no compounding: the same math as ``steered``);
+* optional ``plain-eager`` and ``steered-eager`` (``--rows``).
+
+Every (row, length, repeat) runs in a fresh subprocess, so its peak RSS (``VmHWM``, reset after
+model load and warm-up where the kernel allows, else ``ru_maxrss``) is its own. Children run with
+glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_=131072``, unless ``--default-malloc``): with
+the default dynamic threshold, freed tensors stay in the heap and the peak RSS of one and the same
+row varies by about ±5 % from run to run; fixed, it is the peak of live memory and repeatable to
+the MiB. Rows are interleaved within each repeat and the fastest repeat is kept, which damps the
+noise of a shared machine. Columns: tokens/s = (prompt + new tokens) / wall time, its ratio to
+``plain``, the same ratio in CPU time (``time.process_time``; with ``--threads 1`` it does not see
+the time slices other processes take on a shared machine), peak RSS and its overhead over
+``plain``. The greedy tokens of every steered row are compared with each other (same
+math ⇒ same tokens). Prints a markdown table and writes JSON to ``--out``.
+
+    python benchmarks/steering_overhead.py                                   # 1k, 2k, 4k, 8k; 1 repeat
+    python benchmarks/steering_overhead.py --lengths 1024,4096 --repeats 3 --out steer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = ("plain", "steered", "eager-hook", "plain-eager", "steered-eager")
+DEFAULT_ROWS = ("plain", "steered", "eager-hook")
+QUESTION = "What is the main point of the document?"
+SYSTEM = "You are a helpful assistant."
+
+
+# ----------------------------------------------------------------------------- child side
+def _proc_status(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024.0  # kB -> MiB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_prompt(tokenizer, length: int):
+    """A rendered chat (system + user with a document + question) of exactly ``length`` tokens."""
+    from ctxaware.chat import render
+    from ctxaware.niah.haystack import read_haystack
+
+    doc_ids = tokenizer(read_haystack("builtin").text, add_special_tokens=False)["input_ids"]
+    while len(doc_ids) < length:
+        doc_ids = doc_ids + doc_ids
+
+    def chat(n: int):
+        doc = tokenizer.decode(doc_ids[:n])
+        user = f"Read the document and answer the question.\n\n{doc}\n\nQuestion: {QUESTION}"
+        return render(tokenizer, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                      add_generation_prompt=True)
+
+    overhead = len(chat(1)) - 1
+    n = max(1, length - overhead)
+    best = None
+    for _ in range(8):  # re-tokenisation at the cut can shift the count by a token or two
+        rendered = chat(n)
+        if best is None or abs(len(rendered) - length) < abs(len(best) - length):
+            best = rendered
+        if len(rendered) == length:
+            break
+        n = max(1, n + length - len(rendered))
+    return best
+
+
+def _mask_hook(plan_bias, head_scale):
+    """Forward pre-hook adding ``head_scale[h] · bias[b, k]`` to the additive eager mask, per head."""
+    import torch
+
+    def hook(module, args, kwargs):
+        if "attention_mask" not in kwargs:
+            raise RuntimeError(f"{type(module).__name__} got its attention mask positionally; the hook needs it "
+                               "as a keyword argument")
+        mask = kwargs.get("attention_mask")
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        tq = hidden.shape[1]
+        tk = mask.shape[-1] if mask is not None else tq
+        bias = plan_bias(tk)  # (B, Tk) float32
+        per_head = head_scale.view(1, -1, 1, 1) * bias[:, None, None, :]  # (B, H, 1, Tk)
+        if mask is None:
+            causal = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+            mask = torch.zeros(tq, tk).masked_fill(~causal, torch.finfo(torch.float32).min)[None, None]
+        kwargs["attention_mask"] = (mask + per_head).to(hidden.dtype)  # materialised (B, H, Tq, Tk)
+        return args, kwargs
+
+    return hook
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import DynamicCache
+
+    from ctxaware.attention.functional import key_bias
+    from ctxaware.models import load_model
+    from ctxaware.steering import SteeringConfig, emphasis_mask, steer
+
+    row = args.child
+    eager = row in ("eager-hook", "plain-eager", "steered-eager")
+    model, tokenizer = load_model(args.model, attn_implementation="eager" if eager else "sdpa")
+    rendered = build_prompt(tokenizer, args.length)
+    warm = build_prompt(tokenizer, 128)
+    config = SteeringConfig(alpha=args.alpha, heads=args.heads)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    resolved = config.resolve_heads(n_layers, n_heads)
+
+    def context(r):
+        import contextlib
+
+        if row in ("steered", "steered-eager"):
+            return steer(model, config, r)
+        if row == "eager-hook":
+            emph = emphasis_mask(r, config.emphasis_roles)
+            log_a = float(torch.log(torch.tensor(args.alpha)))
+            stack = contextlib.ExitStack()
+            for i, layer in enumerate(model.model.layers):
+                if i not in resolved:
+                    continue
+                scale = torch.zeros(n_heads)
+                scale[resolved[i] if resolved[i] is not None else slice(None)] = 1.0
+                handle = layer.self_attn.register_forward_pre_hook(
+                    _mask_hook(lambda tk, e=emph: key_bias(e, tk, log_a), scale), with_kwargs=True)
+                stack.callback(handle.remove)
+            return stack
+        return contextlib.nullcontext()
+
+    def run(r, new_tokens: int):
+        ids = torch.tensor([r.input_ids])
+        with context(r), torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            c0, t0 = time.process_time(), time.perf_counter()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            t1 = time.perf_counter()
+            toks = [int(nxt)]
+            for _ in range(new_tokens - 1):
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                toks.append(int(nxt))
+            t2, c2 = time.perf_counter(), time.process_time()
+        return t1 - t0, t2 - t1, c2 - c0, toks
+
+    run(warm, 3)
+    rss_before = _proc_status("VmRSS")
+    reset = _reset_peak_rss()
+    prefill, decode, cpu, toks = run(rendered, args.new_tokens)
+    total = prefill + decode
+    return {"row": row, "length": len(rendered), "requested_length": args.length, "new_tokens": args.new_tokens,
+            "seconds": total, "prefill_s": prefill, "decode_s": decode, "cpu_seconds": cpu,
+            "tokens_per_s": (len(rendered) + args.new_tokens) / total,
+            "decode_tokens_per_s": (args.new_tokens - 1) / decode if decode > 0 else None,
+            "peak_rss_mib": _peak_rss_mib(), "rss_after_load_mib": rss_before, "peak_reset": reset,
+            "tokens": toks}
+
+
+# ----------------------------------------------------------------------------- parent side
+def _spawn(args: argparse.Namespace, row: str, length: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--length", str(length),
+           "--new-tokens", str(args.new_tokens), "--alpha", str(args.alpha), "--heads", args.heads,
+           "--threads", str(args.threads), "--model", args.model]
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    if not args.default_malloc:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {row} @ {length} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(results: list[dict], rows: list[str]) -> str:
+    lines = ["| tokens | row | tokens/s | ratio to plain | CPU-time ratio | prefill s | decode tok/s | "
+             "peak RSS MiB | RSS vs plain |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['length']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
+                     f"{r['cpu_ratio']:.3f} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['rss_overhead_pct']:+.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded", help="model to load (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192", help="prompt lengths in tokens, comma-separated")
+    ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded after the prefill")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (row, length); the fastest is kept")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"rows to measure, from {', '.join(ROWS)}")
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--heads", default="all", help="head selection of the steered rows (default: all)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
+    ap.add_argument("--out", default="steering_overhead.json", help="JSON file to write")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's dynamic mmap threshold in the children (noisier peak RSS)")
+    ap.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
+    ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or "plain" not in rows:
+        ap.error(f"--rows must include plain and only use {', '.join(ROWS)} (got {args.rows})")
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    results: list[dict] = []
+    for length in lengths:
+        best: dict[str, dict] = {}
+        runs: dict[str, list[float]] = {r: [] for r in rows}
+        cpu: dict[str, list[float]] = {r: [] for r in rows}
+        for rep in range(args.repeats):
+            for row in rows:
+                t0 = time.perf_counter()
+                res = _spawn(args, row, length)
+                runs[row].append(res["seconds"])
+                cpu[row].append(res["cpu_seconds"])
+                print(f"  {length:>6} {row:<13} rep {rep + 1}: {res['seconds']:.2f} s "
+                      f"(prefill {res['prefill_s']:.2f} s), peak RSS {res['peak_rss_mib']:.0f} MiB "
+                      f"[{time.perf_counter() - t0:.0f} s with load]", file=sys.stderr, flush=True)
+                if row not in best or res["seconds"] < best[row]["seconds"]:
+                    peak = max(res["peak_rss_mib"], best[row]["peak_rss_mib"]) if row in best else res["peak_rss_mib"]
+                    best[row] = dict(res, peak_rss_mib=peak)
+                else:
+                    best[row]["peak_rss_mib"] = max(best[row]["peak_rss_mib"], res["peak_rss_mib"])
+        plain = best["plain"]
+        steered_tokens = {r: best[r]["tokens"] for r in rows if r in ("steered", "eager-hook", "steered-eager")}
+        for row in rows:
+            r = best[row]
+            r["all_seconds"], r["all_cpu_seconds"] = runs[row], cpu[row]
+            r["ratio"] = r["tokens_per_s"] / plain["tokens_per_s"]
+            r["cpu_ratio"] = min(cpu["plain"]) / min(cpu[row])  # throughput ratio measured in CPU time
+            r["rss_overhead_pct"] = 100.0 * (r["peak_rss_mib"] - plain["peak_rss_mib"]) / plain["peak_rss_mib"]
+            if row in steered_tokens:
+                r["same_tokens_as_steered_rows"] = all(t == r["tokens"] for t in steered_tokens.values())
+            results.append(r)
+
+    table = _table(results, rows)
+    print(table)
+    checks = []
+    for length in lengths:
+        by = {r["row"]: r for r in results if r["requested_length"] == length}
+        if "steered" in by:
+            checks.append(f"{length}: steered/plain = {by['steered']['ratio']:.3f} wall, "
+                          f"{by['steered']['cpu_ratio']:.3f} CPU time (target >= 0.90), "
+                          f"RSS {by['steered']['rss_overhead_pct']:+.1f} % (target <= 5 %)")
+            if "eager-hook" in by:
+                speed = by["steered"]["tokens_per_s"] / by["eager-hook"]["tokens_per_s"]
+                by["steered"]["speedup_vs_eager_hook"] = speed
+                checks[-1] += f", {speed:.2f}x the eager-hook baseline" + (" (target >= 2x)" if length == 4096 else "")
+        same = [r.get("same_tokens_as_steered_rows") for r in by.values() if "same_tokens_as_steered_rows" in r]
+        if same:
+            checks[-1] += f"; steered rows decode the same tokens: {'yes' if all(same) else 'NO'}"
+    print()
+    print("\n".join(checks))
+    import torch
+    import transformers
+
+    payload = {"benchmark": "steering_overhead", "model": args.model, "lengths": lengths, "rows": rows,
+               "new_tokens": args.new_tokens, "repeats": args.repeats, "alpha": args.alpha, "heads": args.heads,
+               "threads": args.threads, "fixed_mmap_threshold": not args.default_malloc,
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "results": results, "table": table, "checks": checks}
+    Path(args.out).write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
