@@ -199,6 +199,12 @@ def load_model(
     resolved = resolve_model_path(name_or_path)
     adapter_base = _adapter_base(Path(resolved)) if Path(resolved).is_dir() else None
     base = resolve_model_path(adapter_base) if adapter_base else resolved
+    from transformers.utils import logging as hf_logging
+
+    # A local checkpoint loads in about a second: its "Loading weights" bar is noise in CLI output.
+    quiet = Path(base).is_dir() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base, dtype=torch_dtype, attn_implementation=attn_implementation,
@@ -209,6 +215,9 @@ def load_model(
             f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]} "
             "(offline? pass a local directory, a .gguf file, or omit --model for the embedded default)"
         ) from exc
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     _clear_quantization(model)
     tokenizer = load_tokenizer(resolved if (Path(resolved) / "tokenizer_config.json").is_file() else base,
                                trust_remote_code=trust_remote_code)

@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = _load(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == f"ctxaware.cli.{name}":
-                continue  # subcommand not shipped in this build
-            raise
+        module = _load(name)
         sp = sub.add_parser(name, help=module.HELP, description=module.__doc__.strip().splitlines()[0]
                             if module.__doc__ else module.HELP)
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
