@@ -1,0 +1,42 @@
+"""Conditional instruction fine-tuning with the ``[IND]`` indicator (METHOD §4), on TRL and PEFT.
+
+``TrainConfig`` (a recipe), ``load_recipe``/``list_recipes`` (the shipped recipes), ``train``
+(build, run and save) and ``build_trainer`` (a ready ``trl.SFTTrainer``). Imported lazily: trl,
+peft and torch load only when training starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "ctxaware.training.config",
+    "load_recipe": "ctxaware.training.config",
+    "list_recipes": "ctxaware.training.config",
+    "recipe_path": "ctxaware.training.config",
+    "train": "ctxaware.training.trainer",
+    "build_trainer": "ctxaware.training.trainer",
+    "save_trained": "ctxaware.training.trainer",
+    "TrainResult": "ctxaware.training.trainer",
+    "build_dataset": "ctxaware.training.data",
+    "assistant_labels": "ctxaware.training.data",
+    "add_indicator_token": "ctxaware.training.conditions",
+    "strip_indicator": "ctxaware.training.conditions",
+    "INDICATOR": "ctxaware.training.conditions",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ctxaware.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

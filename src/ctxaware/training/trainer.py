@@ -1,0 +1,282 @@
+"""Building and running the conditional SFT trainer on TRL's ``SFTTrainer`` and PEFT.
+
+``build_trainer(config)`` loads the model, sets the chat template, adds ``[IND]`` as a special
+token when needed, tokenises the data with assistant-only labels, wraps the model with LoRA/QLoRA
+and returns a ready ``SFTTrainer``; ``train(config)`` runs it and saves a directory that
+``ctxaware.models.load_model`` reloads (the full model, or the adapter plus the tokenizer).
+
+Under LoRA the ``[IND]`` row is trained with PEFT's trainable tokens. TRL's fused LM head reads
+``lm_head.weight`` and ``lm_head.bias``; PEFT's ``TrainableTokensWrapper`` (which wraps the tied
+``lm_head`` too) forwards ``weight`` to the merged weights but has no ``bias``, so training fails
+with an ``AttributeError``. :func:`patch_trainable_tokens_bias` gives each wrapper the ``bias`` of
+the layer it wraps (a plain attribute, not a registered parameter, so state dicts are unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, MissingDependencyError, require
+from .conditions import add_indicator_token, count_indicated, indicator_token_id, prepare_conversations
+from .config import TrainConfig
+from .data import TrainingData, build_dataset, end_of_turn_ids, load_conversations, resolve_chat_template
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "ctxaware_train.yaml"
+
+
+@dataclass
+class TrainSetup:
+    """Everything :func:`build_trainer` prepared, for inspection or for running it."""
+
+    trainer: Any
+    config: TrainConfig
+    tokenizer: Any
+    data: TrainingData
+    indicator_id: int | None
+    num_indicated: int
+    base_ref: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced: the saved directory and the final training metrics."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    indicator_id: int | None
+    adapter: bool
+    data: TrainingData
+    log_history: list[dict[str, Any]]
+
+
+def _on_gpu(config: TrainConfig) -> tuple[bool, bool]:
+    import torch
+
+    gpu = torch.cuda.is_available() and not config.cpu
+    return gpu, bool(gpu and torch.cuda.is_bf16_supported())
+
+
+def _weights_dtype(config: TrainConfig, on_gpu: bool) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+def _base_ref(name: str) -> str:
+    """How an adapter names its base: the user's own name, or an absolute path for local files."""
+    from ..models import DEFAULT_MODEL, EMBEDDED_NAME
+
+    if name in (DEFAULT_MODEL, EMBEDDED_NAME):
+        return DEFAULT_MODEL
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def _load(config: TrainConfig, on_gpu: bool):
+    from ..models import load_model, load_tokenizer, resolve_model_path
+
+    dtype = _weights_dtype(config, on_gpu)
+    if config.method != "qlora":
+        return tuple(load_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code))
+    if not on_gpu:
+        raise ConfigError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); on CPU use method: lora")
+    require("bitsandbytes", "qlora")
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    path = resolve_model_path(config.model)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 trust_remote_code=config.trust_remote_code)
+    checkpointing = on_gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    return model, load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def _module_name(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    raise ConfigError(f"cannot find the embedding module of {type(model).__name__}")  # pragma: no cover
+
+
+def _tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def peft_config_for(config: TrainConfig, model, indicator_id: int | None):
+    """The ``peft.LoraConfig`` of the recipe, making the ``[IND]`` row trainable as asked."""
+    peft = require("peft", "train")
+    kwargs: dict[str, Any] = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                  target_modules=config.target_modules, task_type="CAUSAL_LM")
+    if indicator_id is not None and config.indicator_training != "none":
+        inp = _module_name(model, model.get_input_embeddings())
+        out_mod = model.get_output_embeddings()
+        untied_out = _module_name(model, out_mod) if out_mod is not None and not _tied(model) else None
+        if config.indicator_training == "tokens":
+            indices = {inp: [indicator_id]}
+            if untied_out and config.loss == "full":  # [IND] is a target only under full-sequence loss
+                indices[untied_out] = [indicator_id]
+            kwargs["trainable_token_indices"] = indices
+        else:
+            kwargs["modules_to_save"] = [inp] + ([untied_out] if untied_out else [])
+            kwargs["ensure_weight_tying"] = _tied(model)
+    return peft.LoraConfig(**kwargs)
+
+
+def patch_trainable_tokens_bias(model) -> int:
+    """Give PEFT ``TrainableTokensWrapper`` modules the ``bias`` TRL's fused LM head reads; returns the count."""
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:  # pragma: no cover - other PEFT layouts
+        return 0
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
+            base = module.original_module
+            object.__setattr__(module, "bias", getattr(base, "bias", None))
+            patched += 1
+    return patched
+
+
+def _trainer_class():
+    """``trl.SFTTrainer`` whose checkpoints never copy the whole embedding matrices into an adapter.
+
+    PEFT saves full embedding layers with an adapter when the vocabulary grew (``[IND]``); the
+    ``[IND]`` row already travels in the adapter (trainable tokens or modules to save), so the
+    copy only costs disk (about 2 GB per checkpoint for Llama-3-8B).
+    """
+    from trl import SFTTrainer
+
+    class CtxawareSFTTrainer(SFTTrainer):
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if not getattr(model, "peft_config", None):
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
+                return None
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            if state_dict is None and model is not self.model:
+                state_dict = self.model.state_dict()
+            model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save,
+                                  save_embedding_layers=False)
+            if self.args.should_save and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            return None
+
+    return CtxawareSFTTrainer
+
+
+def _resume_arg(config: TrainConfig) -> str | bool | None:
+    value = config.resume_from_checkpoint
+    if value in (None, "", False):
+        return None
+    if str(value).lower() in ("latest", "last", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not config.output_dir:
+            config.require_paths()
+        out = Path(str(config.output_dir))
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint: latest, but {out} holds no checkpoint-* directory")
+        return last
+    if not Path(str(value)).is_dir():
+        raise ConfigError(f"checkpoint directory not found: {value}")
+    return str(value)
+
+
+def build_trainer(config: TrainConfig, *, model=None, tokenizer=None,
+                  conversations: list[list[dict[str, Any]]] | None = None) -> TrainSetup:
+    """Prepare the model, tokenizer, data and ``trl.SFTTrainer`` described by ``config``.
+
+    ``model``/``tokenizer``/``conversations`` may be given directly (tests, notebooks); otherwise
+    they come from ``config.model`` and ``config.dataset``.
+    """
+    try:
+        trainer_cls = _trainer_class()
+    except ImportError as exc:
+        raise MissingDependencyError("training needs trl, peft and accelerate; run: "
+                                     "pip install 'ctxaware[train]'") from exc
+    if config.output_dir is None or (conversations is None and not config.dataset):
+        config.require_paths()
+    on_gpu, bf16_ok = _on_gpu(config)
+    args = config.sft_config(on_gpu=on_gpu, bf16_supported=bf16_ok)  # validates `sft:` before any loading
+    if model is None or tokenizer is None:
+        model, tokenizer = _load(config, on_gpu)
+    template = resolve_chat_template(config.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{config.model} has no chat template; set chat_template: zephyr (the paper's) "
+                          "or a .jinja file")
+    if conversations is None:
+        conversations = load_conversations(str(config.dataset), max_examples=config.max_examples)
+    elif config.max_examples:
+        conversations = conversations[: config.max_examples]
+    num_indicated = count_indicated(conversations)
+    conversations = prepare_conversations(conversations, indicator=config.indicator)
+    want_token = config.add_indicator_token
+    if want_token is None:
+        want_token = config.indicator and num_indicated > 0
+    indicator_id = add_indicator_token(model, tokenizer) if want_token else indicator_token_id(tokenizer)
+    logger.info("%d of %d conversations carry [IND] (indicator %s, token id %s)", num_indicated,
+                len(conversations), "kept" if config.indicator else "stripped", indicator_id)
+    data = build_dataset(tokenizer, conversations, loss=config.loss, max_length=config.max_length,
+                         stop_ids=end_of_turn_ids(tokenizer, model), drop_unsupervised=config.drop_unsupervised,
+                         progress=config.progress)
+    logger.info("training data: %s", data.summary())
+    peft_config = peft_config_for(config, model, indicator_id) if config.method in ("lora", "qlora") else None
+    trainer = trainer_cls(model=model, args=args, train_dataset=data.dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    patch_trainable_tokens_bias(trainer.model)
+    if not config.progress:  # without tqdm, transformers prints every log dict to stdout
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return TrainSetup(trainer=trainer, config=config, tokenizer=tokenizer, data=data, indicator_id=indicator_id,
+                      num_indicated=num_indicated, base_ref=_base_ref(config.model))
+
+
+def save_trained(setup: TrainSetup, output_dir: str | os.PathLike | None = None) -> str:
+    """Save the trained model (or adapter), the tokenizer with ``[IND]``, and the recipe used."""
+    out = Path(output_dir or str(setup.config.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    model = setup.trainer.model
+    model.config.use_cache = True
+    peft_configs = getattr(model, "peft_config", None)
+    if peft_configs:
+        for cfg in peft_configs.values():
+            cfg.base_model_name_or_path = setup.base_ref
+        # the [IND] row travels in the adapter (trainable tokens / modules to save); never probe the Hub
+        model.save_pretrained(str(out), save_embedding_layers=False)
+    else:
+        setup.trainer.save_model(str(out))
+    setup.tokenizer.save_pretrained(str(out))
+    setup.config.save(out / CONFIG_FILE)
+    return str(out)
+
+
+def train(config: TrainConfig, **build_kwargs: Any) -> TrainResult:
+    """Build the trainer for ``config``, train, save to ``config.output_dir``, and report."""
+    resume = _resume_arg(config)
+    setup = build_trainer(config, **build_kwargs)
+    output = setup.trainer.train(resume_from_checkpoint=resume)
+    out = save_trained(setup)
+    metrics = {k: float(v) for k, v in (output.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics["global_step"] = float(output.global_step)
+    return TrainResult(output_dir=out, metrics=metrics, indicator_id=setup.indicator_id,
+                       adapter=bool(getattr(setup.trainer.model, "peft_config", None)), data=setup.data,
+                       log_history=list(setup.trainer.state.log_history))
