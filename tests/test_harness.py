@@ -144,6 +144,18 @@ def make_lm(tiny, **kw):
     return CtxawareLM(pretrained=model, tokenizer=tok, device="cpu", **kw)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_cuda_device_falls_back_to_cpu_without_cuda(tiny, tmp_path):
+    """lm-eval's CLI passes device='cuda:0' unless told otherwise; without CUDA the model loads on cpu."""
+    from ctxaware.harness.model import CtxawareLM
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    lm = CtxawareLM(pretrained=str(tmp_path / "m"), device="cuda:0")
+    assert lm.device.type == "cpu" and next(lm.model.parameters()).device.type == "cpu"
+
+
 def _ll_instance(doc, context, continuation):
     from lm_eval.api.instance import Instance
 

@@ -47,6 +47,17 @@ def parse_template_mode(value: Any) -> bool | None:
     raise ConfigError(f"chat_template must be 'task', true or false, got {value!r}")
 
 
+def resolve_device(device: Any) -> str:
+    """The torch device to load on: as asked, cuda when available by default, and cpu (with a warning)
+    when a CUDA device is asked for without CUDA — lm-eval's CLI asks for ``cuda:0`` unless told."""
+    if device in (None, ""):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device %r requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return str(device)
+
+
 def _heads(value: Any) -> Any:
     """lm-eval's arg parser turns ``heads=3`` into an int: back to the spec string."""
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
@@ -79,7 +90,7 @@ class CtxawareLM(HFLM):
                                        compounding=str(compounding))
         self.chat_template_mode = parse_template_mode(chat_template)
         if pretrained is None or isinstance(pretrained, (str, os.PathLike)):
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = resolve_device(device)
             loaded = load_model(None if pretrained in (None, "") else str(pretrained), dtype=dtype, device=device,
                                 attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
             model, tok, self.model_name = loaded.model, loaded.tokenizer, loaded.name
