@@ -305,9 +305,11 @@ def test_load_messages_formats(tmp_path):
 def test_pad_left(byte_tokenizer):
     a = render(byte_tokenizer, CONVERSATIONS["single"], chat_template=TEMPLATES["zephyr"])
     b = render(byte_tokenizer, CONVERSATIONS["system_multi"], chat_template=TEMPLATES["zephyr"])
-    ids, mask = pad_left([a, b], pad_id=0)
+    ids, mask, offsets = pad_left([a, b], pad_id=0)
+    ids, mask = ids.tolist(), mask.tolist()
     assert len(ids[0]) == len(ids[1]) == max(len(a), len(b))
     assert ids[0][-len(a):] == a.input_ids and sum(mask[0]) == len(a) and mask[0][0] == 0
+    assert offsets == [len(ids[0]) - len(a), len(ids[1]) - len(b)]
 
 
 @pytest.mark.parametrize("conv", sorted(CONVERSATIONS))

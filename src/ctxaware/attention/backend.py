@@ -25,12 +25,13 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from ..errors import SteeringError
+from ..errors import ConfigError, SteeringError
 from . import functional as AF
 
 logger = logging.getLogger(__name__)
@@ -263,6 +264,28 @@ def set_impl(cfg: Any, value: Any) -> None:
         cfg._attn_implementation_internal = value
     else:  # pragma: no cover - configs without the internal attribute
         cfg._attn_implementation = value
+
+
+@contextmanager
+def switched_implementation(model: Any, name_for: Callable[[Any], str]) -> Iterator[None]:
+    """Set each config of ``model`` to ``name_for(its current implementation)``; restore in ``finally``."""
+    saved = [(cfg, get_impl(cfg)) for cfg in model_configs(model)]
+    try:
+        for cfg, impl in saved:
+            set_impl(cfg, name_for(impl))
+        yield
+    finally:
+        for cfg, impl in saved:
+            set_impl(cfg, impl)
+
+
+def model_dims(model: Any) -> tuple[int, int]:
+    """``(num_hidden_layers, num_attention_heads)`` of the model's text decoder."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    try:
+        return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
+    except AttributeError as exc:
+        raise ConfigError(f"{type(model).__name__}: its config has no layer/head counts") from exc
 
 
 def register() -> None:

@@ -247,11 +247,22 @@ def render_batch(tokenizer: Any, conversations: Iterable[Any], **kwargs: Any) ->
     return [render(tokenizer, c, **kwargs) for c in conversations]
 
 
-def pad_left(rendered: Sequence[RenderedChat], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left-pad the ids of several rendered chats: ``(input_ids, attention_mask)`` as nested lists."""
-    if not rendered:
+def pad_left(sequences: Sequence[RenderedChat | Sequence[int]], pad_id: int = 0) -> tuple[Any, Any, list[int]]:
+    """Left-pad rendered chats (or id lists) into tensors: ``(input_ids, attention_mask, offsets)``,
+    both ``(B, max_len)`` long tensors; ``offsets[b]`` is the pad length of row ``b``."""
+    import torch
+
+    if not sequences:
         raise InputError("nothing to pad: empty batch")
-    width = max(len(r) for r in rendered)
-    ids = [[pad_id] * (width - len(r)) + list(r.input_ids) for r in rendered]
-    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rendered]
-    return ids, mask
+    rows = [list(s.input_ids) if isinstance(s, RenderedChat) else list(s) for s in sequences]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
+    for b, row in enumerate(rows):
+        off = width - len(row)
+        offsets.append(off)
+        if row:
+            ids[b, off:] = torch.tensor(row, dtype=torch.long)
+            mask[b, off:] = 1
+    return ids, mask, offsets

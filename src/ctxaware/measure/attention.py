@@ -15,12 +15,13 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from ..chat import render, validate_messages
+from ..attention.backend import model_dims
+from ..chat import pad_left, render, validate_messages
 from ..chat.types import ROLES, RenderedChat
 from ..errors import ConfigError, InputError
-from .mechanism import num_layers_heads, observe_mass
+from .mechanism import observe_mass
 from .plain import PLAIN_SEPARATOR, render_plain
-from .positions import assistant_positions, end_token_ids, left_pad, pad_queries, right_pad
+from .positions import assistant_positions, end_token_ids, pad_queries, right_pad
 
 Queries = Union[str, Sequence[int]]
 
@@ -132,7 +133,7 @@ def measure_attention(model, rendered: RenderedChat | Sequence[RenderedChat], *,
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if padding not in ("right", "left"):
         raise ConfigError(f"padding must be 'right' or 'left', got {padding!r}")
-    n_layers, n_heads = num_layers_heads(model)
+    n_layers, n_heads = model_dims(model)
     layer_list = list(range(n_layers)) if layers is None else sorted(set(int(x) for x in layers))
     head_list = list(range(n_heads)) if heads is None else sorted(set(int(h) for h in heads))
     end_ids = end_token_ids(model, tokenizer)
@@ -145,7 +146,7 @@ def measure_attention(model, rendered: RenderedChat | Sequence[RenderedChat], *,
         batch = items[lo:lo + batch_size]
         positions = positions_all[lo:lo + batch_size]
         if padding == "left":
-            ids, mask, offsets = left_pad([r.input_ids for r in batch])
+            ids, mask, offsets = pad_left(batch)
         else:
             ids, mask, offsets = right_pad([r.input_ids for r in batch]), None, [0] * len(batch)
         width = ids.shape[1]

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..attention.backend import get_impl, model_configs, set_impl
+from ..attention.backend import get_impl, model_dims, switched_implementation
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -179,23 +179,12 @@ def _mass(query, key, attention_mask, scaling: float, plan: _Plan, softcap) -> t
 def _measuring(model, plan: _Plan) -> Iterator[_Plan]:
     """Switch every config of ``model`` to the measuring implementation; restore in ``finally``."""
     _register()
-    configs = model_configs(model)
-    saved = [(cfg, get_impl(cfg)) for cfg in configs]
     token = _ACTIVE.set(plan)
     try:
-        for cfg in configs:
-            set_impl(cfg, IMPL_NAME)
-        yield plan
+        with switched_implementation(model, lambda _impl: IMPL_NAME):
+            yield plan
     finally:
-        for cfg, impl in saved:
-            set_impl(cfg, impl)
         _ACTIVE.reset(token)
-
-
-def num_layers_heads(model) -> tuple[int, int]:
-    """Number of decoder layers and of query heads per layer."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
 
 
 def _decoder(model):
@@ -217,7 +206,7 @@ def observe_mass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     ``channels`` ``(B, T, C)``: key weights (0 at padding). ``heads``: query heads to keep (default
     all). The forward pass stops inside ``max(layers)``.
     """
-    n_layers, n_heads = num_layers_heads(model)
+    n_layers, n_heads = model_dims(model)
     layers = sorted(set(int(x) for x in layers))
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
         raise ConfigError(f"layers must lie in 0..{n_layers - 1}, got {layers}")

@@ -56,21 +56,6 @@ def assistant_positions(rendered: RenderedChat, end_ids: set[int]) -> list[int]:
     return out
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Left-pad id lists: ``(input_ids, attention_mask, offsets)`` with ``offsets[b]`` = pad length."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    offsets = []
-    for b, seq in enumerate(sequences):
-        off = width - len(seq)
-        offsets.append(off)
-        if seq:
-            ids[b, off:] = torch.tensor(list(seq), dtype=torch.long)
-            mask[b, off:] = 1
-    return ids, mask, offsets
-
-
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
     """Right-pad id lists into ``(B, max_len)``; real tokens keep their own positions (offset 0)."""
     width = max(len(s) for s in sequences)

@@ -31,8 +31,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..attention.backend import model_dims
 from ..errors import ConfigError, CtxawareError
-from ..measure.mechanism import num_layers_heads, observe_mass
+from ..measure.mechanism import observe_mass
 from ..measure.positions import end_token_ids, pad_queries, response_positions, right_pad
 from .config import ScoringConfig
 from .io import RowError, row_messages
@@ -76,7 +77,7 @@ class Scorer:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or ScoringConfig()
-        n_layers, _ = num_layers_heads(model)
+        n_layers, _ = model_dims(model)
         self.layer = default_layer(n_layers) if self.config.layer is None else self.config.layer
         if not 0 <= self.layer < n_layers:
             raise ConfigError(f"layer {self.layer} does not exist: the model has layers 0..{n_layers - 1}")

@@ -25,15 +25,6 @@ from .config import SteeringConfig
 logger = logging.getLogger(__name__)
 
 
-def model_dims(model: Any) -> tuple[int, int]:
-    """``(num_hidden_layers, num_attention_heads)`` of the model's text decoder."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    try:
-        return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
-    except AttributeError as exc:
-        raise SteeringError(f"cannot steer {type(model).__name__}: its config has no layer/head counts") from exc
-
-
 def _rows_from_chat(chat: Any, roles: tuple[str, ...]) -> list[bool]:
     n = len(chat.input_ids)
     row = [False] * n
@@ -95,7 +86,7 @@ def emphasis_mask(emphasis: Any, roles: Sequence[str] = ("user",)) -> torch.Tens
 
 def build_plan(model: Any, config: SteeringConfig, emphasis: Any) -> backend.KeyBiasPlan | None:
     """Validate everything and build the bias plan; None when steering is the identity."""
-    n_layers, n_heads = model_dims(model)
+    n_layers, n_heads = backend.model_dims(model)
     resolved = config.resolve_heads(n_layers, n_heads)
     mask = emphasis_mask(emphasis, config.emphasis_roles)
     if not config.active or not resolved:
@@ -134,14 +125,10 @@ def steer(model: Any, config: SteeringConfig | None = None, emphasis: Any = None
         return
     backend.register()
     configs = backend.model_configs(model)
-    saved = [(cfg, backend.get_impl(cfg)) for cfg in configs]
     backend.push_plan(configs, plan)
     try:
-        for cfg, impl in saved:
-            backend.set_impl(cfg, backend.steered_name(impl))
-        logger.debug("steering %d layer(s) with alpha=%s", len(plan.head_scale), config.alpha)
-        yield plan
+        with backend.switched_implementation(model, backend.steered_name):
+            logger.debug("steering %d layer(s) with alpha=%s", len(plan.head_scale), config.alpha)
+            yield plan
     finally:
-        for cfg, impl in saved:
-            backend.set_impl(cfg, impl)
         backend.pop_plan(configs, plan)

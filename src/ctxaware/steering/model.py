@@ -20,7 +20,8 @@ import torch
 
 from ..errors import InputError
 from .config import SteeringConfig
-from .context import model_dims, steer
+from ..attention.backend import model_dims
+from .context import steer
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +158,9 @@ class SteeredModel:
         if stops:
             overrides["stop_strings"] = stops
         gen_cfg = self.generation_config(max_new_tokens, eos_token_id, pad_token_id, **overrides)
-        ids, mask = pad_left(rendered_list, int(gen_cfg.pad_token_id))
+        ids, mask, _ = pad_left(rendered_list, int(gen_cfg.pad_token_id))
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        attention_mask = torch.tensor(mask, dtype=torch.long, device=device)
+        input_ids, attention_mask = ids.to(device), mask.to(device)
         extra = {"tokenizer": self.tokenizer} if stops else {}
         with self.steering(rendered_list), torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
