@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..scoring.indicator import INDICATOR
 from .data import DATASETS, load_records
 
-INDICATOR = " [IND]"
 TEMPLATE_FIELD = "ctxaware_chat_template"
 VARIANTS = ("ind", "no_ind", "no_template")
 PROMPTS = {
@@ -31,7 +31,7 @@ PROMPTS = {
 
 def build_prompt(dataset: str, passage: str, question: str, *, indicator: bool = False) -> str:
     """The user message for one question (``indicator`` appends " [IND]" to the question)."""
-    return PROMPTS[dataset].format(passage=passage, question=question + (INDICATOR if indicator else ""))
+    return PROMPTS[dataset].format(passage=passage, question=question + (" " + INDICATOR if indicator else ""))
 
 
 def contains(output: str, answers: list[str]) -> float:

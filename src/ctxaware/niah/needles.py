@@ -16,9 +16,8 @@ from pathlib import Path
 
 from ..config import read_config_file
 from ..errors import ConfigError, InputFileNotFoundError
+from ..scoring.indicator import INDICATOR
 from .scoring import normalize_words
-
-INDICATOR = "[IND]"
 
 
 @dataclass(frozen=True)

@@ -10,30 +10,19 @@ Names are imported lazily: the indicator and IO helpers do not pull in torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 _LAZY = {
-    "INDICATOR": "indicator", "apply_indicator": "indicator", "strip_indicator": "indicator",
-    "label_fractions": "indicator",
-    "RowError": "io", "convert_sharegpt": "io", "load_conversations": "io", "read_rows": "io",
-    "row_messages": "io", "write_rows": "io",
-    "ScoringConfig": "config",
-    "RowScore": "probe", "Scorer": "probe", "default_layer": "probe", "score_conversation": "probe",
-    "ScoreSummary": "run", "merge_shards": "run", "parse_shard": "run", "score_dataset": "run",
+    "INDICATOR": ".indicator", "apply_indicator": ".indicator", "strip_indicator": ".indicator",
+    "label_fractions": ".indicator",
+    "RowError": ".io", "convert_sharegpt": ".io", "load_conversations": ".io", "read_rows": ".io",
+    "row_messages": ".io", "write_rows": ".io",
+    "ScoringConfig": ".config",
+    "RowScore": ".probe", "Scorer": ".probe", "default_layer": ".probe", "score_conversation": ".probe",
+    "ScoreSummary": ".run", "merge_shards": ".run", "parse_shard": ".run", "score_dataset": ".run",
 }
 
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ctxaware.scoring' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
