@@ -24,7 +24,8 @@ from ctxaware.models import load_model
 from ctxaware.niah import NiahConfig, load_needle, read_haystack, run_niah
 from ctxaware.niah.haystack import Haystack
 from ctxaware.niah.prompts import build_prompt
-from ctxaware.niah.runner import greedy_kwargs, steering_config
+from ctxaware.niah.engine import greedy_kwargs
+from ctxaware.niah.runner import steering_config
 
 
 def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
@@ -61,18 +62,19 @@ def main() -> None:
     ap.add_argument("--depths", default=None, help="default: the quick preset's depths")
     ap.add_argument("--modes", default=None, help="default: the quick preset's modes")
     ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=1, help="harness batch size (1 = prefix-cache reuse)")
+    ap.add_argument("--batch-size", type=int, default=None, help="harness decoding batch (default: the preset's)")
     ap.add_argument("--quick", action="store_true", help="tiny grid: lengths 400,800 x depths 0,50,100, mode chat")
     args = ap.parse_args()
     over = {k: v for k, v in dict(lengths=args.lengths, depths=args.depths, modes=args.modes,
-                                  max_new_tokens=args.max_new_tokens).items() if v is not None}
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size).items()
+            if v is not None}
     if args.quick:
         over = {"lengths": "400,800", "depths": "0,50,100", "modes": "chat", "max_new_tokens": 24, **over}
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     with tempfile.TemporaryDirectory() as out:
         cfg = NiahConfig(model=args.model, haystack=args.haystack, needle=args.needle, out=out, progress=False,
-                         batch_size=args.batch_size, **over)
+                         **over)
         cells = len(cfg.grid_lengths()) * len(cfg.grid_depths()) * len(cfg.modes)
         print(f"grid: lengths {cfg.grid_lengths()} x depths {cfg.grid_depths()} x modes {cfg.modes} "
               f"= {cells} cells, max_new_tokens {cfg.max_new_tokens}, threads {torch.get_num_threads()}")

@@ -311,6 +311,23 @@ def test_left_padded_batch_equals_one_by_one(models, tok, impl):
             torch.testing.assert_close(out.logits[step][i], single.logits[step][0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_decode_bias_mask_with_padding_in_every_dtype(dtype):
+    """The padded decode mask of a float64 model once overflowed (float64's min put into float32)."""
+    from ctxaware.attention import functional as AF
+
+    bias = torch.tensor([[0.0, -1.5, 0.0, 0.0], [-1.5, 0.0, 0.0, 0.0]])
+    pad = torch.tensor([[True, True, True, True], [False, True, True, True]])[:, None, None, :]
+    mask = AF.bias_mask(bias, torch.tensor([1.0, 0.0]), pad, dtype)
+    assert mask.dtype == dtype and mask.shape == (2, 2, 1, 4)
+    assert mask[1, 0, 0, 0] == torch.finfo(dtype).min and mask[1, 1, 0, 0] == torch.finfo(dtype).min
+    assert mask[0, 0, 0, 1].item() == pytest.approx(-1.5, rel=1e-2) and mask[0, 1, 0, 1] == 0
+    q, k, v = (torch.randn(2, 2, 1, 8, dtype=dtype), torch.randn(2, 1, 4, 8, dtype=dtype),
+               torch.randn(2, 1, 4, 8, dtype=dtype))
+    out = AF.sdpa_decode_key_bias(q, k, v, pad, scaling=8 ** -0.5, bias=bias, head_scale=torch.tensor([1.0, 0.0]))
+    assert torch.isfinite(out).all()
+
+
 def test_steered_model_batch_equals_single_and_steering_changes_replies(models, tok):
     model = models["sdpa"]
     sm = SteeredModel(model, tok, SteeringConfig(alpha=0.05))

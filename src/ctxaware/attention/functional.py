@@ -91,14 +91,15 @@ def sdpa_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def bias_mask(bias: torch.Tensor, head_scale: torch.Tensor, attention_mask: torch.Tensor | None,
               dtype: torch.dtype) -> torch.Tensor:
     """Float mask ``(B, H, Tq, Tk)`` (``Tq`` from the mask, else 1) = head_scale ⊗ bias + mask."""
-    full = head_scale.to(torch.float32).view(1, -1, 1, 1) * bias.to(torch.float32)[:, None, None, :]
+    work = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 model
+    full = head_scale.to(work).view(1, -1, 1, 1) * bias.to(work)[:, None, None, :]
     if attention_mask is not None:
         tk = bias.shape[-1]
         mask = attention_mask[..., :tk]
         if mask.dtype == torch.bool:
             full = full.masked_fill(~mask, torch.finfo(dtype).min)
         else:
-            full = full + mask.to(torch.float32)
+            full = full + mask.to(work)
     return full.to(dtype)
 
 

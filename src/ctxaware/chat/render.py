@@ -110,7 +110,8 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_pro
     return text
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Length of the longest common prefix of two strings or lists (compared in blocks, then items)."""
     n = min(len(a), len(b))
     i = 0
     step = 1024
@@ -134,7 +135,7 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
 
 
 def _locate(full: str, variant: str) -> tuple[int, int]:
-    p = _common_prefix(full, variant)
+    p = common_prefix(full, variant)
     s = _common_suffix(full, variant, min(len(full), len(variant)) - p)
     return p, len(full) - s
 

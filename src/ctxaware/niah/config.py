@@ -18,7 +18,8 @@ MODE_BASES = ("raw", "chat")
 MODE_FLAGS = ("prefix", "ind", "steer")
 
 #: fields that do not change results: they may differ between a run and its resumption
-RUNTIME_FIELDS = ("out", "progress", "overwrite", "batch_size", "prefix_cache", "device")
+RUNTIME_FIELDS = ("out", "progress", "overwrite", "batch_size", "batch_memory", "prefix_cache", "prefill_chunk",
+                  "device")
 
 
 def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
@@ -99,9 +100,11 @@ class NiahConfig(ConfigMixin):
     max_new_tokens: int = field(40, help="greedy decoding budget per answer")
     reserve: int = field(200, help="tokens of each length L kept for template, question and answer: haystack + "
                                    "needle get L - reserve tokens (L/2 when L < 2*reserve)")
-    batch_size: int = field(1, help="cells generated together (left padding); 1 enables prefix-cache reuse")
-    prefix_cache: bool = field(True, help="with batch size 1, reuse the KV cache of the prompt prefix shared "
-                                          "with the previous cell")
+    batch_size: int = field(8, help="cells decoded together (prefills stay one by one); a kill loses at most "
+                                    "this many cells")
+    batch_memory: float = field(4.0, help="GiB of KV cache a decoding batch may hold (peak about twice that)")
+    prefix_cache: bool = field(True, help="reuse the KV cache of the prompt prefix shared with the previous cell")
+    prefill_chunk: int = field(1024, help="tokens per prefill step after a reused prefix")
     dtype: str = field("float32", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype")
     device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
     out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume)")
@@ -123,9 +126,12 @@ class NiahConfig(ConfigMixin):
         if dup:
             raise ConfigError(f"modes: {', '.join(dup)} listed twice")
         self.modes = canon
-        for name in ("min_length", "max_length", "num_lengths", "num_depths", "max_new_tokens", "batch_size"):
+        for name in ("min_length", "max_length", "num_lengths", "num_depths", "max_new_tokens", "batch_size",
+                     "prefill_chunk"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not float(self.batch_memory) > 0:
+            raise ConfigError(f"batch_memory must be a positive number of GiB, got {self.batch_memory}")
         if self.reserve < 0:
             raise ConfigError(f"reserve must be >= 0, got {self.reserve}")
         if self.min_length > self.max_length:

@@ -1,21 +1,16 @@
 """Running an NIH study: grid of cells → prompts → greedy answers (± steering) → scored JSONL.
 
-Speed, on CPU as on GPU: the haystack is read and tokenised once; cells are rendered up front and,
-with batch size 1 (the default), generated in lexicographic order of their token ids while the KV
-cache of the prompt prefix shared with the previous cell is kept (the cache is cropped to the
-common prefix). Cells of one length share the haystack before the needle, and every cell shares
-the template and instruction, so this order prefills each distinct prefix only once. With
-``batch_size > 1`` cells of one mode are generated in left-padded batches of similar length
-instead, through :meth:`ctxaware.steering.SteeredModel.generate_rendered`.
+Speed, on CPU as on GPU: the haystack is read and tokenised once; cells are rendered up front and
+answered by :class:`ctxaware.niah.engine.GreedyEngine`, which prefills each distinct prompt prefix
+once (cells in lexicographic order of their token ids, one KV cache cropped to the shared prefix)
+and decodes ``batch_size`` cells together.
 Decoding is greedy whatever the model's generation config says.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,69 +51,10 @@ class NiahRun:
         return format_table(self.summary)
 
 
-def greedy_kwargs(model: Any, tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
-    """``generate`` arguments for plain greedy decoding, overriding any sampling in the model's config."""
-    from transformers import GenerationConfig
-
-    base = getattr(model, "generation_config", None)
-    eos = getattr(base, "eos_token_id", None) if base is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
-    cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                           pad_token_id=pad, bos_token_id=getattr(base, "bos_token_id", None))
-    return {"generation_config": cfg}
-
-
 def steering_config(config: NiahConfig):
     from ..steering import SteeringConfig
 
     return SteeringConfig(alpha=float(config.alpha), heads=config.heads)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class CachedGenerator:
-    """Greedy generation one prompt at a time, reusing the KV cache of the shared prompt prefix."""
-
-    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, *, reuse: bool = True) -> None:
-        self.model, self.tokenizer, self.reuse = model, tokenizer, reuse
-        self.kwargs = greedy_kwargs(model, tokenizer, max_new_tokens)
-        self.cache = None
-        self.cached_ids: list[int] = []
-        self.steer_key: Any = None
-
-    def generate(self, rendered: Any, steer_cfg: Any = None) -> str:
-        import torch
-        from transformers import DynamicCache
-
-        ids = list(rendered.input_ids)
-        key = None if steer_cfg is None else repr(steer_cfg.to_dict())
-        if self.cache is None or not self.reuse or key != self.steer_key:
-            self.cache, self.cached_ids = DynamicCache(config=self.model.config), []
-        keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1, self.cache.get_seq_length())
-        if self.cache.get_seq_length() > keep:
-            self.cache.crop(keep - self.cache.get_seq_length())
-        self.steer_key = key
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)
-        ctx = contextlib.nullcontext()
-        if steer_cfg is not None:
-            from ..steering import steer
-
-            ctx = steer(self.model, steer_cfg, rendered)
-        with ctx, torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      past_key_values=self.cache, **self.kwargs)
-        seq = out[0].tolist()
-        self.cached_ids = seq[: self.cache.get_seq_length()]
-        return self.tokenizer.decode(seq[len(ids):], skip_special_tokens=True).strip()
 
 
 def _record(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: str, cell: Cell, answer: str,
@@ -148,13 +84,6 @@ def plan_cells(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: st
                                haystack=haystack_id, alpha=cfg.alpha, heads=cfg.heads)
                 cells.append(Cell(mode, length, depth, key))
     return cells
-
-
-def _batches(cells: list[Cell], size: int) -> list[list[Cell]]:
-    by_mode: dict[str, list[Cell]] = {}
-    for c in sorted(cells, key=lambda c: (c.length, c.prompt.rendered.prompt_len)):
-        by_mode.setdefault(c.mode, []).append(c)
-    return [group[i:i + size] for group in by_mode.values() for i in range(0, len(group), size)]
 
 
 def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: Any = None,
@@ -209,32 +138,20 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
 def _generate(cfg: NiahConfig, model: Any, tokenizer: Any, todo: list[Cell], steer_cfg: Any, done_cb) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc="niah", unit="cell", disable=not cfg.progress or not todo)
-    try:
-        if cfg.batch_size == 1:
-            gen = CachedGenerator(model, tokenizer, cfg.max_new_tokens, reuse=cfg.prefix_cache)
-            # lexicographic order of token ids = depth-first order of the prefix trie: each prefix is prefilled once
-            for cell in sorted(todo, key=lambda c: (c.prompt.steer, c.prompt.rendered.input_ids)):
-                bar.set_postfix_str(f"{cell.mode} L={cell.length} d={cell.depth:g}")
-                t0 = time.perf_counter()
-                answer = gen.generate(cell.prompt.rendered, steer_cfg if cell.prompt.steer else None)
-                done_cb(cell, answer, time.perf_counter() - t0)
-                bar.update(1)
-        else:
-            from ..steering import SteeredModel
+    from .engine import GreedyEngine, Job
 
-            models = {False: SteeredModel(model, tokenizer, None), True: SteeredModel(model, tokenizer, steer_cfg)}
-            kwargs = greedy_kwargs(model, tokenizer, cfg.max_new_tokens)
-            for batch in _batches(todo, cfg.batch_size):
-                bar.set_postfix_str(f"{batch[0].mode} L={batch[0].length}")
-                t0 = time.perf_counter()
-                gcfg = kwargs["generation_config"]
-                answers = models[batch[0].prompt.steer].generate_rendered(
-                    [c.prompt.rendered for c in batch], max_new_tokens=cfg.max_new_tokens,
-                    eos_token_id=gcfg.eos_token_id, pad_token_id=gcfg.pad_token_id)
-                secs = (time.perf_counter() - t0) / len(batch)
-                for cell, answer in zip(batch, answers):
-                    done_cb(cell, answer, secs)
-                bar.update(len(batch))
+    engine = GreedyEngine(model, tokenizer, cfg.max_new_tokens, steer_config=steer_cfg, reuse=cfg.prefix_cache,
+                          batch_size=cfg.batch_size, batch_memory=cfg.batch_memory, chunk=cfg.prefill_chunk)
+    jobs = [Job(c.prompt.rendered, steer=c.prompt.steer, tag=c) for c in todo]
+    bar = tqdm(total=len(todo), desc="niah", unit="cell", disable=not cfg.progress or not todo)
+
+    def finished(job: Job, answer: str) -> None:
+        cell = job.tag
+        bar.set_postfix_str(f"{cell.mode} L={cell.length} d={cell.depth:g}")
+        done_cb(cell, answer, job.seconds)
+        bar.update(1)
+
+    try:
+        engine.run(jobs, finished)
     finally:
         bar.close()

@@ -1,0 +1,337 @@
+"""Greedy answers for many long prompts that share prefixes: what makes an NIH study fast.
+
+Two things cost time in an NIH grid: the prefill of long prompts and the decoding steps.
+:class:`GreedyEngine` cuts both while keeping plain greedy decoding:
+
+* **Prefix sharing.** Prompts are taken in lexicographic order of their token ids (the
+  depth-first order of their prefix trie) and one KV cache is kept: before each prompt the cache is
+  cropped to the prefix it shares with the previous one, so every distinct prefix is prefilled once.
+  In an NIH grid all cells share template and instruction, and the cells of one length share the
+  haystack up to their needle. The rest of a prompt is prefilled in chunks of ``chunk`` tokens:
+  with a cache, the attention mask is no longer plain causal and SDPA computes every query × key
+  pair of a chunk, so chunks keep that waste small (and bound the activation memory).
+* **Batched decoding.** The KV caches of up to ``batch_size`` prefilled prompts (whose padded
+  batch cache fits in ``batch_memory`` GiB) are gathered into one left-padded, preallocated cache and
+  decoded together, one token per row and step; a row is reported, and leaves the batch, as soon
+  as it ends. A decoding step reads the weights once for the whole batch.
+
+The cache tensors of a prompt are kept by reference until its batch is decoded: a plain
+``DynamicLayer`` never writes into a tensor it has returned (``update`` concatenates, ``crop``
+slices), so the next prompt's prefill leaves them intact. Caches of other kinds (sliding-window,
+quantised, static) cannot be shared like this; for such models the engine falls back to one
+``model.generate`` per prompt.
+
+Prompts that are steered (``ctxaware.steering``) only share caches with prompts steered the same way
+and emphasising the same tokens of the shared prefix; their decoding batch is steered with each
+row's own emphasis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ..chat.render import common_prefix
+
+logger = logging.getLogger(__name__)
+
+
+def greedy_kwargs(model: Any, tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
+    """``generate`` arguments for plain greedy decoding, overriding any sampling in the model's config."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    eos = getattr(base, "eos_token_id", None) if base is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
+    cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                           pad_token_id=pad, bos_token_id=getattr(base, "bos_token_id", None))
+    return {"generation_config": cfg}
+
+
+@dataclass
+class Job:
+    """One prompt to answer: its rendering (``input_ids``, role spans) and whether it is steered."""
+
+    rendered: Any
+    steer: bool = False
+    tag: Any = None
+    # filled by the engine
+    emphasis: list[bool] | None = None
+    first_token: int = -1
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    seconds: float = 0.0
+
+
+class GreedyEngine:
+    """Greedy decoding of many prompts with shared-prefix prefill and batched decoding.
+
+    ``steer_config``: the :class:`~ctxaware.steering.SteeringConfig` applied to jobs with
+    ``steer=True``. ``reuse=False`` prefills every prompt from scratch (decoding is still batched);
+    ``batch_size=1`` decodes one prompt at a time. ``batch_memory`` (GiB) bounds the decoding
+    batch's KV cache (rows × longest prompt × bytes per token); while a batch is gathered its
+    prompts' own caches are held too, so the peak is about twice that.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, *, steer_config: Any = None,
+                 reuse: bool = True, batch_size: int = 8, batch_memory: float = 4.0, chunk: int = 1024) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if min(batch_size, chunk) < 1 or not batch_memory > 0:
+            raise ValueError(f"batch_size and chunk must be at least 1 and batch_memory positive, got {batch_size}, "
+                             f"{chunk} and {batch_memory}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.steer_config = max_new_tokens, steer_config
+        self.reuse, self.batch_size, self.chunk = reuse, batch_size, chunk
+        self.batch_bytes = int(batch_memory * 2**30)
+        gcfg = greedy_kwargs(model, tokenizer, max_new_tokens)["generation_config"]
+        eos = gcfg.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else list(eos or []))
+        self.device = next(model.parameters()).device
+        self.shareable = self._plain_dynamic_cache()
+        # transformers >= 5.23 names the forward argument ``cache`` (``past_key_values`` is deprecated)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # what the work cost, for tests and benchmarks
+        self.prefilled_tokens, self.prefill_seconds, self.decode_seconds, self.decode_steps = 0, 0.0, 0.0, 0
+        if not self.shareable:
+            logger.info("%s uses a KV cache that cannot be cropped and shared; answering one prompt at a time",
+                        type(model).__name__)
+
+    # ------------------------------------------------------------------ helpers
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _plain_dynamic_cache(self) -> bool:
+        try:
+            layers = self._new_cache().layers
+        except Exception:  # pragma: no cover - exotic configs
+            return False
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def _steering(self, emphasis: Any, steer: bool) -> Any:
+        if not steer or self.steer_config is None:
+            return contextlib.nullcontext()
+        from ..steering import steer as steer_ctx
+
+        return steer_ctx(self.model, self.steer_config, emphasis)
+
+    def _emphasis_row(self, job: Job) -> list[bool]:
+        if not job.steer or self.steer_config is None:
+            return []
+        from ..steering.context import emphasis_mask
+
+        return emphasis_mask(job.rendered, self.steer_config.emphasis_roles)[0].tolist()
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------------ main loop
+    def order(self, jobs: Iterable[Job]) -> list[Job]:
+        """The order jobs are prefilled in: steered after unsteered, each group by token ids."""
+        return sorted(jobs, key=lambda j: (j.steer, list(j.rendered.input_ids)))
+
+    def run(self, jobs: Sequence[Job], on_done: Callable[[Job, str], None]) -> None:
+        """Answer every job; ``on_done(job, answer)`` is called as each decoding batch finishes
+        (``job.seconds`` holds its prefill time plus its share of the batch's decoding time)."""
+        if not self.shareable:
+            for job in jobs:
+                t0 = time.perf_counter()
+                answer = self._generate_one(job)
+                job.seconds = time.perf_counter() - t0
+                on_done(job, answer)
+            return
+        cache, cached_ids, cached_emph, cached_steer = None, [], [], None
+        pending: list[Job] = []
+        with torch.inference_mode():
+            for job in self.order(jobs):
+                if pending and (pending[0].steer != job.steer or not self._fits(pending, job)):
+                    self._decode_batch(pending, on_done)
+                    pending = []
+                t0 = time.perf_counter()
+                ids = list(job.rendered.input_ids)
+                if not ids:
+                    raise ValueError("cannot answer an empty prompt")
+                job.emphasis = self._emphasis_row(job)
+                if cache is None or not self.reuse or cached_steer != job.steer:
+                    cache, cached_ids, cached_emph = self._new_cache(), [], []
+                keep = common_prefix(cached_ids, ids)
+                if job.steer:
+                    keep = min(keep, common_prefix(cached_emph, job.emphasis))
+                keep = min(keep, len(ids) - 1)
+                if cache.get_seq_length() > keep:
+                    cache.crop(keep - cache.get_seq_length())
+                logits = self._prefill(cache, ids, keep, job)
+                job.first_token = int(logits.argmax(-1))
+                job.kv = [(layer.keys, layer.values) for layer in cache.layers]
+                cached_ids, cached_emph, cached_steer = ids, job.emphasis, job.steer
+                job.seconds = time.perf_counter() - t0
+                self.prefill_seconds += job.seconds
+                pending.append(job)
+                if len(pending) == self.batch_size:
+                    self._decode_batch(pending, on_done)
+                    pending = []
+            if pending:
+                self._decode_batch(pending, on_done)
+
+    def _fits(self, pending: list[Job], job: Job) -> bool:
+        """Whether ``job`` may join the decoding batch: the batch's cache (rows × longest prompt × KV bytes
+        per token, measured on the first prefilled prompt) stays within ``batch_memory``."""
+        width = max(len(j.rendered.input_ids) for j in [*pending, job])
+        return (len(pending) + 1) * width * self._kv_bytes_per_token(pending[0]) <= self.batch_bytes
+
+    @staticmethod
+    def _kv_bytes_per_token(job: Job) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in job.kv) // max(1, job.kv[0][0].shape[-2])
+
+    def _prefill(self, cache: Any, ids: list[int], start: int, job: Job) -> torch.Tensor:
+        """Run ``ids[start:]`` into ``cache`` (holding ``ids[:start]``); returns the last position's logits."""
+        x = torch.tensor([ids], device=self.device)
+        logits = None
+        with self._steering(job.rendered, job.steer):
+            pos = start
+            while pos < len(ids):
+                # a prefill from scratch keeps the fused causal kernel for its first piece
+                end = len(ids) if pos == 0 else min(len(ids), pos + self.chunk)
+                out = self.model(input_ids=x[:, pos:end], use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+                logits = out.logits[0, -1]
+                self.prefilled_tokens += end - pos
+                pos = end
+        return logits
+
+    def _decode_batch(self, jobs: list[Job], on_done: Callable[[Job, str], None]) -> None:
+        """Greedy-decode the prefilled ``jobs`` together (left-padded cache), reporting each as it ends."""
+        t0 = time.perf_counter()
+        n = len(jobs)
+        lengths = [len(j.rendered.input_ids) for j in jobs]
+        width = max(lengths)
+        from transformers.cache_utils import Cache
+
+        layers = []
+        for li in range(len(jobs[0].kv)):
+            k0, v0 = jobs[0].kv[li]
+            layer = BufferLayer(n, k0.shape[1], width + self.max_new_tokens, k0.shape[3], v0.shape[3], k0.dtype,
+                                k0.device)
+            for r, job in enumerate(jobs):
+                k, v = job.kv[li]
+                layer.kbuf[r, :, width - lengths[r]:width] = k[0, :, :lengths[r]]
+                layer.vbuf[r, :, width - lengths[r]:width] = v[0, :, :lengths[r]]
+            layer.set_length(width)
+            layers.append(layer)
+        cache = Cache(layers=layers)
+        for job in jobs:
+            job.kv = []
+        pad = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for r, length in enumerate(lengths):
+            pad[r, width - length:] = 1
+        emphasis = None
+        if jobs[0].steer and self.steer_config is not None:
+            emphasis = torch.zeros(n, width, dtype=torch.bool)
+            for r, job in enumerate(jobs):
+                emphasis[r, width - lengths[r]:] = torch.tensor(job.emphasis, dtype=torch.bool)
+        tokens = [[j.first_token] for j in jobs]
+        jobs[0].seconds += time.perf_counter() - t0  # gathering the cache
+
+        def report(rows: list[int]) -> None:
+            for r in rows:
+                on_done(jobs[r], self._decode_text(tokens[r]))
+
+        active = [r for r in range(n) if _decoding(tokens[r], self.eos, self.max_new_tokens)]
+        if len(active) < n:
+            self._select(cache, active)
+            report([r for r in range(n) if r not in active])
+        attn = pad[active]
+        pos = torch.tensor([lengths[r] for r in active], device=self.device)
+        step_input = torch.tensor([[tokens[r][-1]] for r in active], device=self.device)
+        while active:
+            ctx = self._steering(emphasis[active] if emphasis is not None else None, emphasis is not None)
+            finished: list[int] = []
+            with ctx:
+                while active and not finished:
+                    t_step = time.perf_counter()
+                    attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=1)
+                    out = self.model(input_ids=step_input, attention_mask=attn, position_ids=pos[:, None],
+                                     use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+                    nxt = out.logits[:, -1].argmax(-1).tolist()
+                    self.decode_steps += 1
+                    share = (time.perf_counter() - t_step) / len(active)
+                    for i, r in enumerate(active):
+                        tokens[r].append(nxt[i])
+                        jobs[r].seconds += share
+                        if not _decoding(tokens[r], self.eos, self.max_new_tokens):
+                            finished.append(i)
+                    pos = pos + 1
+                    step_input = torch.tensor([[t] for t in nxt], device=self.device)
+            if finished:
+                report([active[i] for i in finished])
+                gone = set(finished)
+                keep = [i for i in range(len(active)) if i not in gone]
+                active = [active[i] for i in keep]
+                if active:
+                    self._select(cache, keep)
+                    attn, pos, step_input = attn[keep], pos[keep], step_input[keep]
+        self.decode_seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _select(cache: Any, rows: list[int]) -> None:
+        """Keep only ``rows`` of every layer of a batched cache."""
+        for layer in cache.layers:
+            layer.select_rows(rows)
+
+    def _generate_one(self, job: Job) -> str:
+        ids = torch.tensor([list(job.rendered.input_ids)], device=self.device)
+        kwargs = greedy_kwargs(self.model, self.tokenizer, self.max_new_tokens)
+        with self._steering(job.rendered, job.steer), torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        self.prefilled_tokens += ids.shape[1]
+        return self._decode_text(out[0, ids.shape[1]:].tolist())
+
+
+class BufferLayer(DynamicLayer):
+    """A cache layer over a preallocated ``(B, H, capacity, D)`` buffer: decoding writes each new key
+    in place, where ``DynamicLayer`` concatenates, i.e. copies the whole past, at every step (on a
+    CPU that copy costs more than the attention itself for a batch of long prompts)."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.kbuf = torch.zeros(batch, heads, capacity, k_dim, dtype=dtype, device=device)
+        self.vbuf = torch.zeros(batch, heads, capacity, v_dim, dtype=dtype, device=device)
+        self.device, self.is_initialized, self.length = device, True, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the buffers exist from the start
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = self.kbuf[:, :, :length], self.vbuf[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key_states.shape[-2]
+        if self.length + n > self.kbuf.shape[2]:
+            raise RuntimeError(f"decoding buffer of {self.kbuf.shape[2]} positions is full")
+        self.kbuf[:, :, self.length:self.length + n] = key_states
+        self.vbuf[:, :, self.length:self.length + n] = value_states
+        self.set_length(self.length + n)
+        return self.keys, self.values
+
+    def select_rows(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.kbuf.device)
+        self.kbuf, self.vbuf = self.kbuf[index], self.vbuf[index]
+        self.set_length(self.length)
+
+
+def _decoding(tokens: list[int], eos: set[int], max_new_tokens: int) -> bool:
+    """Whether a row still decodes: no end-of-sequence token yet and budget left."""
+    return tokens[-1] not in eos and len(tokens) < max_new_tokens
