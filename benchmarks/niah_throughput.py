@@ -3,12 +3,20 @@
 The plain loop is what a straightforward NIH script does: for every cell it re-reads the haystack
 files, re-tokenises them, places the needle, renders the prompt and calls ``model.generate`` with
 batch size 1 from scratch (greedy). The harness tokenises the haystack once and reuses the KV cache
-of the prompt prefix shared between cells (or batches cells with ``--batch-size``). Both build the
-identical prompts, so the answers should match; the script prints the wall-time ratio and the
-number of identical answers.
+of the prompt prefix shared between cells and decodes cells in batches (``ctxaware.niah.engine``).
+Both build the identical prompts, so the answers should match; the script prints the wall-time
+ratio and the number of identical answers.
 
-    python benchmarks/niah_throughput.py --quick                 # tiny grid, a minute or two on CPU
-    python benchmarks/niah_throughput.py                         # the quick preset's grid (slow on CPU)
+Grids (``--grid``; explicit --lengths/--depths/--modes/... override parts of it):
+
+* ``paper-cpu`` (default): the paper's grid shape (even lengths from 200, even depths 0-100 %)
+  scaled to a CPU: 6 lengths up to 3000 tokens x 6 depths x modes chat, chat+steer (72 cells,
+  about 15 minutes on 2 cores);
+* ``quick``: the quick preset's grid (lengths 1000-7000 x 5 depths; add --modes chat to halve it);
+* ``tiny``: lengths 400, 800 x depths 0, 50, 100, mode chat, 24 new tokens (a minute or two).
+
+    python benchmarks/niah_throughput.py
+    python benchmarks/niah_throughput.py --grid quick --modes chat
 """
 
 from __future__ import annotations
@@ -26,6 +34,14 @@ from ctxaware.niah.haystack import Haystack
 from ctxaware.niah.prompts import build_prompt
 from ctxaware.niah.engine import greedy_kwargs
 from ctxaware.niah.runner import steering_config
+
+
+GRIDS = {
+    "paper-cpu": {"lengths": None, "depths": None, "min_length": 200, "max_length": 3000, "num_lengths": 6,
+                  "num_depths": 6, "modes": "chat,chat+steer"},
+    "quick": {},
+    "tiny": {"lengths": "400,800", "depths": "0,50,100", "modes": "chat", "max_new_tokens": 24},
+}
 
 
 def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
@@ -58,18 +74,27 @@ def main() -> None:
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--haystack", default="builtin")
     ap.add_argument("--needle", default="SF")
-    ap.add_argument("--lengths", default=None, help="default: the quick preset's lengths")
-    ap.add_argument("--depths", default=None, help="default: the quick preset's depths")
-    ap.add_argument("--modes", default=None, help="default: the quick preset's modes")
+    ap.add_argument("--lengths", default=None, help="default: from --grid")
+    ap.add_argument("--depths", default=None, help="default: from --grid")
+    ap.add_argument("--max-length", type=int, default=None, help="with --num-lengths: an even grid from --min-length")
+    ap.add_argument("--min-length", type=int, default=None)
+    ap.add_argument("--num-lengths", type=int, default=None)
+    ap.add_argument("--num-depths", type=int, default=None, help="evenly spaced depths 0..100 (instead of --depths)")
+    ap.add_argument("--modes", default=None, help="default: from --grid")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None, help="harness decoding batch (default: the preset's)")
-    ap.add_argument("--quick", action="store_true", help="tiny grid: lengths 400,800 x depths 0,50,100, mode chat")
+    ap.add_argument("--grid", choices=tuple(GRIDS), default="paper-cpu", help="base grid (see the module doc)")
     args = ap.parse_args()
     over = {k: v for k, v in dict(lengths=args.lengths, depths=args.depths, modes=args.modes,
+                                  max_length=args.max_length, min_length=args.min_length,
+                                  num_lengths=args.num_lengths, num_depths=args.num_depths,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size).items()
             if v is not None}
-    if args.quick:
-        over = {"lengths": "400,800", "depths": "0,50,100", "modes": "chat", "max_new_tokens": 24, **over}
+    if args.num_lengths is not None or args.max_length is not None:
+        over.setdefault("lengths", None)  # an even grid instead of explicit lengths
+    if args.num_depths is not None:
+        over.setdefault("depths", None)
+    over = {**GRIDS[args.grid], **over}
     torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     with tempfile.TemporaryDirectory() as out:
