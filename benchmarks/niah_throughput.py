@@ -32,8 +32,8 @@ from ctxaware.models import load_model
 from ctxaware.niah import NiahConfig, load_needle, read_haystack, run_niah
 from ctxaware.niah.haystack import Haystack
 from ctxaware.niah.prompts import build_prompt
-from ctxaware.niah.engine import greedy_kwargs
 from ctxaware.niah.runner import steering_config
+from ctxaware.steering.model import greedy_generation_config
 
 
 GRIDS = {
@@ -47,7 +47,7 @@ GRIDS = {
 def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
     """One cell at a time, nothing reused between cells."""
     answers = {}
-    kwargs = greedy_kwargs(model, tokenizer, cfg.max_new_tokens)
+    gen_cfg = greedy_generation_config(model, tokenizer, cfg.max_new_tokens)
     for length in cfg.grid_lengths():
         for depth in cfg.grid_depths():
             for mode in cfg.modes:
@@ -63,7 +63,7 @@ def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
 
                     ctx = steer(model, steering_config(cfg), prompt.rendered)
                 with ctx, torch.inference_mode():
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
                 answers[(mode, length, depth)] = tokenizer.decode(out[0, ids.shape[1]:],
                                                                   skip_special_tokens=True).strip()
     return answers

@@ -13,7 +13,8 @@ import torch
 from test_niah_unit import tiny_tokenizer
 
 from ctxaware.niah import NEEDLES
-from ctxaware.niah.engine import GreedyEngine, Job, greedy_kwargs
+from ctxaware.niah.engine import GreedyEngine, Job
+from ctxaware.steering.model import greedy_generation_config
 from ctxaware.niah.haystack import Haystack, read_haystack
 from ctxaware.niah.prompts import build_prompt
 from ctxaware.steering import SteeringConfig, steer
@@ -53,13 +54,13 @@ def _jobs(tok, hay, modes=("chat", "chat+steer"), lengths=(200, 320, 400), depth
 
 
 def _reference(model, tok, jobs, steer_cfg, max_new_tokens):
-    kwargs = greedy_kwargs(model, tok, max_new_tokens)
+    gen_cfg = greedy_generation_config(model, tok, max_new_tokens)
     out = {}
     for job in jobs:
         ids = torch.tensor([job.rendered.input_ids])
         ctx = steer(model, steer_cfg, job.rendered) if job.steer else torch.no_grad()
         with ctx, torch.inference_mode():
-            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
         out[job.tag] = tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip()
     return out
 

@@ -39,22 +39,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..chat.render import common_prefix
+from ..steering.model import greedy_generation_config
 
 logger = logging.getLogger(__name__)
-
-
-def greedy_kwargs(model: Any, tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
-    """``generate`` arguments for plain greedy decoding, overriding any sampling in the model's config."""
-    from transformers import GenerationConfig
-
-    base = getattr(model, "generation_config", None)
-    eos = getattr(base, "eos_token_id", None) if base is not None else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if isinstance(eos, int) else eos[0])
-    cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                           pad_token_id=pad, bos_token_id=getattr(base, "bos_token_id", None))
-    return {"generation_config": cfg}
 
 
 @dataclass
@@ -92,9 +79,9 @@ class GreedyEngine:
         self.max_new_tokens, self.steer_config = max_new_tokens, steer_config
         self.reuse, self.batch_size, self.chunk = reuse, batch_size, chunk
         self.batch_bytes = int(batch_memory * 2**30)
-        gcfg = greedy_kwargs(model, tokenizer, max_new_tokens)["generation_config"]
-        eos = gcfg.eos_token_id
-        self.eos = set([eos] if isinstance(eos, int) else list(eos or []))
+        self.generation_config = greedy_generation_config(model, tokenizer, max_new_tokens)
+        eos = self.generation_config.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else eos)
         self.device = next(model.parameters()).device
         self.shareable = self._plain_dynamic_cache()
         # transformers >= 5.23 names the forward argument ``cache`` (``past_key_values`` is deprecated)
@@ -142,8 +129,8 @@ class GreedyEngine:
         return sorted(jobs, key=lambda j: (j.steer, list(j.rendered.input_ids)))
 
     def run(self, jobs: Sequence[Job], on_done: Callable[[Job, str], None]) -> None:
-        """Answer every job; ``on_done(job, answer)`` is called as each decoding batch finishes
-        (``job.seconds`` holds its prefill time plus its share of the batch's decoding time)."""
+        """Answer every job; ``on_done(job, answer)`` is called as soon as a job's answer ends
+        (``job.seconds`` holds its prefill time plus its share of each decoding step it took part in)."""
         if not self.shareable:
             for job in jobs:
                 t0 = time.perf_counter()
@@ -290,9 +277,9 @@ class GreedyEngine:
 
     def _generate_one(self, job: Job) -> str:
         ids = torch.tensor([list(job.rendered.input_ids)], device=self.device)
-        kwargs = greedy_kwargs(self.model, self.tokenizer, self.max_new_tokens)
         with self._steering(job.rendered, job.steer), torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=self.generation_config)
         self.prefilled_tokens += ids.shape[1]
         return self._decode_text(out[0, ids.shape[1]:].tolist())
 

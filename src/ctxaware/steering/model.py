@@ -40,6 +40,32 @@ def _as_list(x: Any) -> list[int]:
     return [int(v) for v in (x if isinstance(x, (list, tuple, set)) else [x])]
 
 
+def greedy_generation_config(model: Any, tokenizer: Any, max_new_tokens: int, eos_token_id: Any = None,
+                             pad_token_id: Any = None, **overrides: Any) -> Any:
+    """A plain greedy ``GenerationConfig`` whatever the model's own says (explicit overrides win).
+
+    Stops at ``eos_token_id`` if given, else at the model's and the tokenizer's end tokens; raises
+    :class:`InputError` when there is none.
+    """
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    eos = _as_list(eos_token_id)
+    if not eos:
+        eos = _as_list(getattr(base, "eos_token_id", None))
+        eos += [t for t in _as_list(tokenizer.eos_token_id) if t not in eos]
+    if not eos:
+        raise InputError("no end-of-sequence token: the tokenizer and the generation config have none; "
+                         "pass eos_token_id=...")
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        pad = eos[0]
+    values = dict(_NEUTRAL, max_new_tokens=int(max_new_tokens), eos_token_id=eos if len(eos) > 1 else eos[0],
+                  pad_token_id=int(pad), bos_token_id=getattr(base, "bos_token_id", None))
+    values.update(overrides)
+    return GenerationConfig(**values)
+
+
 class SteeredModel:
     """A causal LM plus its tokenizer that answers chats, optionally with attention steering.
 
@@ -115,23 +141,8 @@ class SteeredModel:
     def generation_config(self, max_new_tokens: int, eos_token_id: Any = None, pad_token_id: Any = None,
                           **overrides: Any) -> Any:
         """A greedy ``GenerationConfig`` independent of the model's own (explicit overrides win)."""
-        from transformers import GenerationConfig
-
-        base = getattr(self.model, "generation_config", None)
-        eos = _as_list(eos_token_id)
-        if not eos:
-            eos = _as_list(getattr(base, "eos_token_id", None))
-            eos += [t for t in _as_list(self.tokenizer.eos_token_id) if t not in eos]
-        if not eos:
-            raise InputError("no end-of-sequence token: the tokenizer and the generation config have none; "
-                             "pass eos_token_id=...")
-        pad = pad_token_id if pad_token_id is not None else self.tokenizer.pad_token_id
-        if pad is None:
-            pad = eos[0]
-        values = dict(_NEUTRAL, max_new_tokens=int(max_new_tokens), eos_token_id=eos if len(eos) > 1 else eos[0],
-                      pad_token_id=int(pad), bos_token_id=getattr(base, "bos_token_id", None))
-        values.update(overrides)
-        return GenerationConfig(**values)
+        return greedy_generation_config(self.model, self.tokenizer, max_new_tokens, eos_token_id, pad_token_id,
+                                        **overrides)
 
     def generate_rendered(self, rendered_list: Sequence[Any], max_new_tokens: int = 256, eos_token_id: Any = None,
                           pad_token_id: Any = None, stop_strings: Sequence[str] | str | None = None,
