@@ -210,7 +210,7 @@ def load_model(
             base, dtype=torch_dtype, attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a directory without a model (no model_type)
         raise ModelLoadError(
             f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]} "
             "(offline? pass a local directory, a .gguf file, or omit --model for the embedded default)"

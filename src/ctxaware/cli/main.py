@@ -14,7 +14,7 @@ import sys
 
 from .. import __version__
 
-SUBCOMMANDS = ("chat", "spans", "niah", "attention", "score", "indicate", "train", "eval")
+SUBCOMMANDS = ("chat", "spans", "niah", "attention", "score", "indicate", "train", "eval", "calibrate")
 
 
 def _load(name: str):

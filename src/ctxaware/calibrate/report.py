@@ -1,0 +1,65 @@
+"""Outputs of a calibration besides the steering file: the search table (CSV + JSON) and its plot.
+
+``search.csv``: one row per candidate (head set, α, heads steered, guard losses and rises, held-in
+recall and needle loss). ``search.json``: the same rows, every candidate's held-in answers and the
+full ``(layers, heads)`` retrieval-score matrix. ``calibration.png``: the score matrix as a
+heatmap beside held-in recall per candidate (guard failures hatched). matplotlib only for the plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def write_table(out: Path, cands: Sequence[Any], scores: Any) -> None:
+    """Write ``search.csv`` and ``search.json`` into ``out``."""
+    rows = [c.row() for c in cands]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "search.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    data = {"rows": rows, "answers": {c.name: c.answers for c in cands},
+            "guard": {c.name: c.guard for c in cands}, "head_scores": [[float(v) for v in row] for row in scores]}
+    (out / "search.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def plot_search(path: Path, cands: Sequence[Any], scores: Any, chosen: str) -> Path:
+    """Heatmap of retrieval scores and a bar chart of held-in recall per candidate."""
+    from ..errors import require
+
+    require("matplotlib", "plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    im = ax0.imshow(scores.numpy().T, aspect="auto", cmap="viridis", origin="lower")
+    ax0.set_xlabel("layer")
+    ax0.set_ylabel("query head")
+    ax0.set_title("attention of the answer query on the needle")
+    fig.colorbar(im, ax=ax0, fraction=0.046)
+    names = [c.name for c in cands]
+    values = [c.recall if c.recall is not None else 0.0 for c in cands]
+    colors = ["tab:green" if c.name == chosen else ("tab:gray" if c.alpha >= 1 else "tab:blue") for c in cands]
+    bars = ax1.bar(range(len(cands)), values, color=colors)
+    for bar, c in zip(bars, cands):
+        if c.recall is None:
+            bar.set_hatch("//")
+            bar.set_height(0.02)
+            bar.set_color("tab:red")
+    ax1.set_xticks(range(len(cands)))
+    ax1.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax1.set_ylim(0, 1.05)
+    ax1.set_ylabel("held-in mean recall")
+    ax1.set_title("candidates (red: refused by the quality guard; green: chosen)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

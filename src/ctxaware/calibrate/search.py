@@ -1,0 +1,215 @@
+"""``calibrate()``: choose heads and α for one model on held-in NIH cells, under the quality guard.
+
+Steps: (1) build the held-in NIH prompts (chat template) and score every head by the attention the
+last prompt token pays to the needle (:mod:`ctxaware.calibrate.heads`); (2) form the candidates
+(every head set × every α, plus the unsteered baseline); (3) run the quality guard on each
+(:mod:`ctxaware.calibrate.guard`), cheap, so that only candidates that keep quality are (4)
+answered greedily on the held-in cells and scored by recall, with the mean loss of the needle
+sentence as the answer (a continuous held-in score) as tie-break; (5) keep the best candidate
+that beats the baseline, else the baseline (α = 1: "no steering"), and write the steering file,
+the search table and the plot (:mod:`ctxaware.calibrate.report`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..attention.backend import model_dims
+from ..niah.haystack import BUILTIN, CORPUS_DIR, Haystack, HaystackText, read_haystack
+from ..niah.needles import load_needle
+from ..niah.prompts import build_messages, build_prompt
+from ..niah.scoring import recall
+from ..steering import SteeringConfig, write_steering_file
+from .config import BUILTIN_TAIL, CalibrationConfig
+from .guard import Guard, instruction_set, qa_set, response_losses
+from .heads import count_heads, head_set, heads_to_spec, rank_heads, retrieval_scores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One steering configuration tried, and what it scored."""
+
+    name: str
+    head_set: str
+    alpha: float
+    heads: Any
+    n_heads: int
+    guard: dict[str, Any] = field(default_factory=dict)
+    recall: float | None = None
+    cells_perfect: int | None = None
+    needle_loss: float | None = None
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> SteeringConfig:
+        return SteeringConfig(alpha=self.alpha, heads=heads_to_spec(self.heads))
+
+    def key(self) -> tuple:
+        """Selection key (larger is better): held-in recall, then lower needle loss."""
+        return (self.recall if self.recall is not None else -1.0,
+                -(self.needle_loss if self.needle_loss is not None else float("inf")))
+
+    def row(self) -> dict[str, Any]:
+        g = self.guard
+        out = {"candidate": self.name, "head_set": self.head_set, "alpha": self.alpha, "n_heads": self.n_heads,
+               "guard_passed": g.get("passed"), "heldin_recall": self.recall, "heldin_perfect": self.cells_perfect,
+               "heldin_needle_loss": self.needle_loss}
+        for name in ("instructions", "qa"):
+            if name in g:
+                out[f"{name}_loss"] = g[name]["loss"]
+                out[f"{name}_rise"] = g[name]["rise"]
+        return out
+
+
+def held_in_haystack(source: str) -> HaystackText:
+    """The held-in haystack text; ``builtin-tail`` is the built-in corpus, last essay first."""
+    if source != BUILTIN_TAIL:
+        return read_haystack(source)
+    files = sorted(CORPUS_DIR.glob("*.txt"), reverse=True)
+    text = "".join(f.read_text(encoding="utf-8").replace("\n", " ").rstrip() + " " for f in files)
+    return HaystackText(BUILTIN + "-tail", text, tuple(str(f) for f in files))
+
+
+def held_in_cells(cfg: CalibrationConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], str, Any]:
+    """The held-in cells: ``[{"length", "depth", "prompt", "messages"}]``, the haystack id and the needle."""
+    needle = load_needle(cfg.needle)
+    hay = Haystack(held_in_haystack(cfg.haystack), tokenizer)
+    cells = []
+    for length in sorted(set(cfg.lengths)):
+        for depth in sorted(set(cfg.depths)):
+            placement = hay.place(needle.needle, length, depth, reserve=cfg.reserve)
+            prompt = build_prompt(tokenizer, placement.text, needle, "chat")
+            answer = build_messages(placement.text, needle, "chat") + [{"role": "assistant", "content": needle.needle}]
+            cells.append({"length": length, "depth": depth, "prompt": prompt.rendered, "messages": answer})
+    return cells, hay.id, needle
+
+
+def _evaluate(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate, cells: list[dict],
+              needle: Any) -> None:
+    """Greedy answers and needle-sentence loss of one candidate on the held-in cells."""
+    from ..niah.engine import GreedyEngine, Job
+
+    steering = cand.config if cand.alpha < 1 else None
+    engine = GreedyEngine(model, tokenizer, cfg.max_new_tokens, steer_config=steering, batch_size=cfg.batch_size)
+    jobs = [Job(c["prompt"], steer=steering is not None, tag=i) for i, c in enumerate(cells)]
+    answers: dict[int, str] = {}
+    engine.run(jobs, lambda job, text: answers.__setitem__(job.tag, text))
+    cand.answers = [answers[i] for i in range(len(cells))]
+    scores = [recall(a, needle.keywords) for a in cand.answers]
+    cand.recall = sum(scores) / len(scores)
+    cand.cells_perfect = sum(1 for s in scores if s >= 1.0)
+    losses = response_losses(model, tokenizer, [c["messages"] for c in cells], steering)
+    cand.needle_loss = sum(losses) / len(losses)
+
+
+def candidates(cfg: CalibrationConfig, scores: Any) -> list[Candidate]:
+    """The unsteered baseline, then every head set × α."""
+    n_layers, n_heads = scores.shape
+    out = [Candidate("unsteered", "none", 1.0, "all", 0)]
+    for name in cfg.head_sets:
+        heads = head_set(scores, name)
+        for alpha in cfg.alphas:
+            out.append(Candidate(f"{name}@{alpha:g}", name, float(alpha), heads, count_heads(heads, n_layers, n_heads)))
+    return out
+
+
+def choose(cands: list[Candidate]) -> tuple[Candidate, str]:
+    """The best guard-passing candidate that beats the baseline on the held-in key, else the baseline."""
+    base = cands[0]
+    passing = [c for c in cands[1:] if c.guard.get("passed") and c.recall is not None]
+    if not passing:
+        return base, "no candidate passed the quality guard: unsteered (alpha = 1)"
+    best = max(passing, key=lambda c: (c.key(), c.alpha, -c.n_heads))
+    if best.key() <= base.key():
+        return base, "no guard-passing candidate beat the unsteered model on the held-in cells: alpha = 1"
+    return best, (f"best held-in recall (then lowest needle loss) among candidates within the guard margin: "
+                  f"{best.name}")
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create ``path`` and check it is writable before anything slow runs (one-line error otherwise)."""
+    import tempfile
+
+    from ..errors import ConfigError
+
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check."):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output directory {str(out)!r} is not writable ({exc.strerror or exc}); "
+                          "choose another --out") from None
+    return out
+
+
+def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tokenizer: Any = None,
+              model_name: str | None = None) -> dict[str, Any]:
+    """Run one calibration; writes ``config.out``/steering.yaml, search.{csv,json} (+ plot); returns the summary."""
+    from tqdm.auto import tqdm
+
+    from .report import plot_search, write_table
+
+    cfg = config or CalibrationConfig()
+    t_start = time.perf_counter()
+    out = writable_dir(cfg.out)
+    if model is None or tokenizer is None:
+        from ..models import load_model
+
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
+    model_name = model_name or cfg.model
+    n_layers, n_heads = model_dims(model)
+    cells, hay_id, needle = held_in_cells(cfg, tokenizer)
+    t0 = time.perf_counter()
+    scores = retrieval_scores(model, [(c["prompt"], needle.needle) for c in cells], progress=cfg.progress)
+    score_seconds = time.perf_counter() - t0
+    cands = candidates(cfg, scores)
+    guard = Guard(model, tokenizer, {"instructions": instruction_set(cfg.instructions, cfg.guard_examples),
+                                     "qa": qa_set(cfg.qa, cfg.guard_examples)}, cfg.margin)
+    t0 = time.perf_counter()
+    for cand in tqdm(cands, desc="guard", unit="candidate", disable=not cfg.progress):
+        cand.guard = guard.check(cand.config if cand.alpha < 1 else None)
+    guard_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    todo = [c for c in cands if c.guard.get("passed") or c.alpha >= 1]
+    for cand in tqdm(todo, desc="held-in NIH", unit="candidate", disable=not cfg.progress):
+        _evaluate(cfg, model, tokenizer, cand, cells, needle)
+        logger.info("%s: held-in recall %.3f, needle loss %.3f", cand.name, cand.recall, cand.needle_loss)
+    niah_seconds = time.perf_counter() - t0
+    chosen, reason = choose(cands)
+    ranked = rank_heads(scores)
+    meta = {
+        "model": model_name, "rule": "fixed_alpha", "chosen": chosen.name, "reason": reason,
+        "held_in": {"haystack": hay_id, "needle": needle.name, "lengths": sorted(set(cfg.lengths)),
+                    "depths": sorted(set(cfg.depths)), "mode": "chat", "max_new_tokens": cfg.max_new_tokens,
+                    "tokens": [len(c["prompt"].input_ids) for c in cells]},
+        "head_scores": {"criterion": "attention of the last prompt token on the needle tokens, mean over held-in "
+                                     "prompts", "top": [[layer, head, round(float(scores[layer, head]), 5)]
+                                                        for layer, head in ranked[:20]]},
+        "guard": guard.describe(),
+        "search": [c.row() for c in cands],
+        "heldin_scores": {"unsteered": cands[0].recall, "chosen": chosen.recall,
+                          "unsteered_needle_loss": cands[0].needle_loss, "chosen_needle_loss": chosen.needle_loss},
+        "seconds": {"head_scores": round(score_seconds, 1), "guard": round(guard_seconds, 1),
+                    "heldin_niah": round(niah_seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "model_dims": {"layers": n_layers, "heads": n_heads},
+    }
+    steering = chosen.config
+    path = write_steering_file(out / "steering.yaml", steering, meta)
+    write_table(out, cands, scores)
+    files = [path, out / "search.csv", out / "search.json"]
+    if cfg.plot:
+        from ..errors import MissingDependencyError
+
+        try:
+            files.append(plot_search(out / "calibration.png", cands, scores, chosen.name))
+        except MissingDependencyError as exc:
+            logger.warning("no plot: %s", exc)
+    return {"steering": steering, "meta": meta, "candidates": cands, "scores": scores, "files": files}

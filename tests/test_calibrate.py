@@ -1,0 +1,195 @@
+"""Calibration on tiny random models: attention ranking = brute-force eager ranking, the guard's
+losses and refusals, the steering file round trip, the search's choice, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from test_measure_models import brute_force_attentions, one_thread, tiny_model  # noqa: F401
+from test_niah_unit import tiny_tokenizer
+
+from ctxaware.calibrate import CalibrationConfig, Guard, calibrate, head_set, needle_positions, rank_heads
+from ctxaware.calibrate.guard import instruction_set, qa_set, response_losses
+from ctxaware.calibrate.heads import heads_to_spec, retrieval_scores
+from ctxaware.calibrate.search import held_in_cells
+from ctxaware.errors import ConfigError
+from ctxaware.steering import SteeringConfig, read_steering_file, steer, write_steering_file
+
+SMALL = dict(lengths="400,520", depths="10,60", needle="SF", max_new_tokens=3, guard_examples=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_model("llama", vocab=len(tok), layers=3, positions=2048), tok
+
+
+@pytest.fixture(scope="module")
+def cells(tiny):
+    model, tok = tiny
+    return held_in_cells(CalibrationConfig(**SMALL), tok)
+
+
+def test_needle_positions_cover_exactly_the_needle(cells):
+    rows, _, needle = cells
+    for c in rows:
+        r = c["prompt"]
+        pos = needle_positions(r, needle.needle)
+        assert pos == list(range(pos[0], pos[-1] + 1))
+        text = r.text[r.offsets[pos[0]][0]:r.offsets[pos[-1]][1]]
+        assert needle.needle in text and len(text) < len(needle.needle) + 8
+        assert all(r.roles[i] == "user" for i in pos)
+
+
+def test_retrieval_scores_and_ranking_equal_brute_force_eager(tiny, cells):
+    model, _ = tiny
+    rows, _, needle = cells
+    prompts = [(c["prompt"], needle.needle) for c in rows]
+    scores = retrieval_scores(model, prompts)
+    ref = torch.zeros_like(scores)
+    for rendered, text in prompts:
+        att = brute_force_attentions(model, rendered.input_ids)  # per layer (H, T, T)
+        pos = needle_positions(rendered, text)
+        ref += torch.stack([a[:, -1, pos].sum(-1).double() for a in att])
+    ref /= len(prompts)
+    assert scores.shape == (3, 4)
+    torch.testing.assert_close(scores, ref, atol=1e-5, rtol=0)
+    assert scores.max() > 2 * scores.min()  # far from uniform: a ranking that can be wrong
+    pairs = [(layer, head) for layer in range(3) for head in range(4)]
+    assert rank_heads(scores) == sorted(pairs, key=lambda p: (-float(ref[p]), p))
+
+
+def test_head_sets():
+    scores = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.2, 0.8]], dtype=torch.float64)
+    assert head_set(scores, "top2") == {0: [1], 1: [2]}
+    assert head_set(scores, "top3") == {0: [1], 1: [0, 2]}
+    assert head_set(scores, "layer1") == {0: [1], 1: [2]}
+    assert head_set(scores, "layer2") == {0: [1, 2], 1: [0, 2]}
+    assert head_set(scores, "all") == "all"
+    assert heads_to_spec(head_set(scores, "layer2")) == "0:1,2;1:0,2"
+    with pytest.raises(ConfigError, match="head set 'best3'"):
+        head_set(scores, "best3")
+
+
+def test_response_loss_equals_masked_label_loss(tiny):
+    model, tok = tiny
+    _, convs = qa_set(None, 3)
+    losses = response_losses(model, tok, convs)
+    from ctxaware.chat import render
+
+    for conv, loss in zip(convs, losses):
+        r = render(tok, conv)
+        span = next(s for s in r.spans if s.role == "assistant")
+        ids = torch.tensor([r.input_ids[:span.end]])
+        labels = torch.full_like(ids, -100)
+        labels[0, span.start:span.end] = ids[0, span.start:span.end]
+        with torch.no_grad():
+            ref = model(input_ids=ids, labels=labels).loss.item()
+        assert loss == pytest.approx(ref, abs=1e-4)
+
+
+def test_guard_refuses_configurations_that_raise_the_loss(tiny):
+    model, tok = tiny
+    guard = Guard(model, tok, {"instructions": instruction_set(None, 3), "qa": qa_set(None, 3)}, margin=0.0)
+    identity = guard.check(SteeringConfig(alpha=1.0))
+    assert identity["passed"] and abs(identity["qa"]["rise"]) < 1e-9
+    reports = {}
+    for heads in ("0", "1", "all"):  # on this seeded model: layer 0 raises the QA loss, layer 1 lowers both
+        cfg = SteeringConfig(alpha=0.01, heads=heads)
+        report = reports[heads] = guard.check(cfg)
+        for name in ("instructions", "qa"):
+            convs = next(gs.conversations for gs in guard.sets if gs.name == name)
+            losses = response_losses(model, tok, convs, cfg)
+            assert report[name]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-9)
+            assert report[name]["rise"] == pytest.approx(report[name]["loss"] - report[name]["baseline"], abs=1e-12)
+        assert report["passed"] == all(report[n]["rise"] <= 0.0 for n in ("instructions", "qa"))
+    assert reports["0"]["qa"]["rise"] > 1e-3 and not reports["0"]["passed"]  # raised the loss: refused
+    assert reports["1"]["passed"]
+    assert Guard(model, tok, {"qa": qa_set(None, 3)}, margin=0.01).check(SteeringConfig(alpha=0.01, heads="0"))["passed"]
+
+
+def test_steering_file_round_trips_and_steers(tiny, cells, tmp_path):
+    model, tok = tiny
+    rows, _, _ = cells
+    cfg = SteeringConfig(alpha=0.2, heads="0:1,3;2:0")
+    meta = {"model": "tiny", "search": [{"candidate": "x", "alpha": 0.2}], "guard": {"margin_nats": 0.05}}
+    path = write_steering_file(tmp_path / "steering.yaml", cfg, meta)
+    loaded, loaded_meta = read_steering_file(path)
+    assert loaded == cfg and loaded_meta == meta
+    r = rows[0]["prompt"]
+    ids = torch.tensor([r.input_ids])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with steer(model, cfg, r):
+            direct = model(input_ids=ids).logits
+        with steer(model, loaded, r):
+            from_file = model(input_ids=ids).logits
+    torch.testing.assert_close(from_file, direct, atol=0, rtol=0)
+    assert (from_file - plain).abs().max() > 1e-4
+
+
+def test_calibrate_writes_file_table_and_never_picks_a_guard_failure(tiny, tmp_path):
+    model, tok = tiny
+    cfg = CalibrationConfig(out=str(tmp_path / "cal"), head_sets="top3,layer1,all", alphas="0.05,0.7", margin=0.0,
+                            plot=False, **SMALL)
+    result = calibrate(cfg, model=model, tokenizer=tok, model_name="tiny")
+    cands = result["candidates"]
+    assert [c.name for c in cands] == ["unsteered", "top3@0.05", "top3@0.7", "layer1@0.05", "layer1@0.7",
+                                       "all@0.05", "all@0.7"]
+    assert cands[1].n_heads == 3 and cands[3].n_heads == 3 and cands[5].n_heads == 12
+    for c in cands[1:]:
+        assert (c.recall is not None) == bool(c.guard["passed"])  # refused candidates are never answered
+    config, meta = read_steering_file(tmp_path / "cal" / "steering.yaml")
+    assert config == result["steering"]
+    chosen = next(c for c in cands if c.name == meta["chosen"])
+    assert chosen.alpha == 1.0 or chosen.guard["passed"]
+    assert chosen.key() >= cands[0].key()
+    if chosen.alpha < 1:
+        assert config.alpha == chosen.alpha and config.heads == heads_to_spec(chosen.heads)
+    assert meta["held_in"]["lengths"] == [400, 520] and len(meta["search"]) == len(cands)
+    assert meta["guard"]["sets"]["qa"]["examples"] == 3
+    with open(tmp_path / "cal" / "search.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["candidate"] for r in table] == [c.name for c in cands]
+    data = json.loads((tmp_path / "cal" / "search.json").read_text())
+    assert len(data["head_scores"]) == 3 and len(data["head_scores"][0]) == 4
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="alphas"):
+        CalibrationConfig(alphas="0.5,1.0")
+    with pytest.raises(ConfigError, match="head set"):
+        CalibrationConfig(head_sets="top0")
+    with pytest.raises(ConfigError, match="depths"):
+        CalibrationConfig(depths="120")
+
+
+def _cli(argv, capsys):
+    from ctxaware.cli.main import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_cli_unwritable_out_dir_is_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _cli(["calibrate", "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "not writable" in err and "--out" in err
+
+
+def test_cli_bad_model_dir_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    code, err = _cli(["calibrate", "--model", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "not-a-model" in err
+
+
+def test_cli_bad_option_is_one_line_error(tmp_path, capsys):
+    code, err = _cli(["calibrate", "--alphas", "0.5,abc", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "alphas" in err
