@@ -101,15 +101,16 @@ def test_prefix_cache_reuses_prefill_and_keeps_answers(tiny, tmp_path):
 def test_manifest_mismatch_refused_unless_overwrite(tiny, tmp_path):
     model, tok = tiny
     run_niah(_cfg(tmp_path, depths="0"), model=model, tokenizer=tok, model_name="t", plot=False)
-    with pytest.raises(ConfigError, match="different configuration.*depths"):
-        run_niah(_cfg(tmp_path, depths="0,100"), model=model, tokenizer=tok, model_name="t", plot=False)
+    with pytest.raises(ConfigError, match="different study.*max_new_tokens"):
+        run_niah(_cfg(tmp_path, depths="0,100", max_new_tokens=5), model=model, tokenizer=tok, model_name="t",
+                 plot=False)
     with pytest.raises(ConfigError, match="needle"):
         run_niah(_cfg(tmp_path, depths="0", needle="pizza"), model=model, tokenizer=tok, model_name="t", plot=False)
-    run = run_niah(_cfg(tmp_path, depths="0,100", overwrite=True), model=model, tokenizer=tok, model_name="t",
-                   plot=False)
-    assert len(read_records(tmp_path)) == len(run.records) == 8
+    run = run_niah(_cfg(tmp_path, depths="0,100", max_new_tokens=5, overwrite=True), model=model, tokenizer=tok,
+                   model_name="t", plot=False)
+    assert len(read_records(tmp_path)) == len(run.records) == 8 and run.new_cells == 8
     # runtime options (progress, batch size) are not part of the study
-    run_niah(_cfg(tmp_path, depths="0,100", prefix_cache=False), model=model, tokenizer=tok, model_name="t",
+    run_niah(_cfg(tmp_path, depths="0,100", max_new_tokens=5, prefix_cache=False), model=model, tokenizer=tok, model_name="t",
              plot=False)
 
 
@@ -164,15 +165,15 @@ def test_cli_runs_tiny_model_dir_and_replots(tiny, tmp_path, capsys):
     assert len(read_records(out)) == 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"ctxaware", "torch", "transformers", "python"} <= set(manifest["versions"])
-    assert manifest["study"]["lengths"] == [200]
+    assert manifest["config"]["lengths"] == [200] and "lengths" not in manifest["study"]
     if HAS_MPL:
         assert (out / "heatmap_raw.png").is_file()
         (out / "heatmap_raw.png").unlink()
         assert _cli(["plot", str(out)]) == 0
         assert (out / "heatmap_raw.png").is_file() and (out / "heatmap_comparison.png").is_file()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="max_new_tokens"):
         _cli(["--model", str(mdir), "--lengths", "200", "--depths", "50", "--modes", "raw", "--out", str(out),
-              "--no-progress"])
+              "--no-progress", "--max-new-tokens", "4"])
 
 
 def test_chat_prompts_empty_system_and_prefix(tiny):

@@ -19,7 +19,10 @@ MODE_FLAGS = ("prefix", "ind", "steer")
 
 #: fields that do not change results: they may differ between a run and its resumption
 RUNTIME_FIELDS = ("out", "progress", "overwrite", "batch_size", "batch_memory", "prefix_cache", "prefill_chunk",
-                  "device")
+                  "device", "truncate")
+#: fields that define what a cell of a given key is (beyond the key itself): a results directory holds
+#: cells of one such study; grid, modes and steering parameters may change between runs (they are in the keys)
+IDENTITY_FIELDS = ("model", "haystack", "needle", "max_new_tokens", "dtype", "reserve", "system", "system_message")
 
 
 def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
@@ -91,6 +94,9 @@ class NiahConfig(ConfigMixin):
                        help="modes, comma-separated: raw (no template) or chat, each optionally +prefix "
                             "(needle's first 8 words open the answer), +ind (append [IND] to the question), "
                             "+steer (attention steering)")
+    steering: str | None = field(None, metavar="FILE",
+                                 help="steering file (from ctxaware calibrate) for +steer modes; replaces --alpha "
+                                      "and --heads")
     alpha: float = field(0.9, help="steering strength of +steer modes: weight of non-user prompt keys, in (0, 1]")
     heads: str = field("all", metavar="SPEC",
                        help="steered heads of +steer modes: all, layers '0-11', or '3:0,5;7:all'")
@@ -107,8 +113,13 @@ class NiahConfig(ConfigMixin):
     prefill_chunk: int = field(1024, help="tokens per prefill step after a reused prefix")
     dtype: str = field("float32", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype")
     device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
-    out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume)")
-    overwrite: bool = field(False, help="discard results in --out made with a different configuration")
+    truncate: bool = field(False, help="clamp context lengths beyond the model's window to the window (with a "
+                                       "warning) instead of refusing them")
+    out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume; "
+                                                            "cells of the same model, needle and haystack are reused "
+                                                            "whatever the grid, modes or steering)")
+    overwrite: bool = field(False, help="discard results in --out of a different study (model, needle, haystack, "
+                                        "decoding budget, dtype, reserve, system message)")
     progress: bool = field(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
@@ -159,6 +170,11 @@ class NiahConfig(ConfigMixin):
     def study_dict(self) -> dict[str, Any]:
         """The fields that define results (everything but run-time options such as ``out``)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    def identity_dict(self) -> dict[str, Any]:
+        """The fields a results directory must agree on to reuse its cells (:data:`IDENTITY_FIELDS`)."""
+        d = self.to_dict()
+        return {k: d[k] for k in IDENTITY_FIELDS}
 
     @classmethod
     def from_preset(cls, name: str = "quick", **overrides: Any) -> NiahConfig:

@@ -3,8 +3,10 @@
 ``results.jsonl`` gets one JSON line per finished cell, flushed and fsynced as soon as the cell
 is done, so ``kill -9`` loses at most the cells in flight. On reopening, a torn last line is cut
 off and the finished cells are skipped by their key. ``manifest.json`` records the configuration
-and library versions; a directory holding results of a different configuration is refused
-unless ``overwrite`` is set (which deletes its results).
+and library versions. Cells are reused across runs whatever the grid, modes or steering (those are
+in each cell's key); only a directory of a different *study* (``study`` dict: model, needle,
+haystack content, decoding budget, dtype, ...) is refused, unless ``overwrite`` is set, which
+deletes the cells that conflict — all of them then, since none is of this study.
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 class ResultStore:
     """The output directory of one study: manifest check, finished cells, appending new ones."""
 
-    def __init__(self, out: str | Path, study: dict[str, Any], *, overwrite: bool = False) -> None:
+    def __init__(self, out: str | Path, study: dict[str, Any], *, overwrite: bool = False,
+                 config: dict[str, Any] | None = None) -> None:
         self.dir = Path(out)
         self.study = study
+        self.config = config
         self.path = self.dir / RESULTS
         self.done: dict[str, dict[str, Any]] = {}
         self._open(overwrite)
@@ -88,11 +92,13 @@ class ResultStore:
                 old = json.loads(manifest.read_text(encoding="utf-8")).get("study", {})
             except json.JSONDecodeError:
                 old = None
+            if old is not None:  # manifests of older versions also hold grid fields: compare the study's only
+                old = {k: old.get(k) for k in self.study}
             if old != self.study:
                 if not overwrite:
                     diff = sorted(k for k in set(self.study) | set(old or {})
                                   if (old or {}).get(k) != self.study.get(k))
-                    raise ConfigError(f"{self.dir} holds NIH results of a different configuration (differs in: "
+                    raise ConfigError(f"{self.dir} holds NIH results of a different study (differs in: "
                                       f"{', '.join(diff) or 'manifest unreadable'}); use another --out, or "
                                       "--overwrite to discard them")
                 for name in (RESULTS, SUMMARY_JSON, SUMMARY_MD):
@@ -103,7 +109,8 @@ class ResultStore:
             raise ConfigError(f"{self.path} exists without a manifest; use another --out or --overwrite")
         elif overwrite:
             self.path.unlink(missing_ok=True)
-        _write_json(manifest, {"study": self.study, "versions": versions(),
+        _write_json(manifest, {"study": self.study, **({"config": self.config} if self.config else {}),
+                               "versions": versions(),
                                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         self._repair()
         for r in read_records(self.path) if self.path.is_file() else []:

@@ -10,6 +10,7 @@ Decoding is greedy whatever the model's generation config says.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +53,49 @@ class NiahRun:
 
 
 def steering_config(config: NiahConfig):
+    """The :class:`SteeringConfig` of ``+steer`` modes: the steering file's, else ``alpha``/``heads``."""
+    if config.steering:
+        from ..steering.file import load_steering_file
+
+        return load_steering_file(config.steering)
     from ..steering import SteeringConfig
 
     return SteeringConfig(alpha=float(config.alpha), heads=config.heads)
 
 
-def _record(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: str, cell: Cell, answer: str,
-            seconds: float) -> dict[str, Any]:
+def _steer_tag(steer: Any) -> tuple[float, str]:
+    """``(alpha, heads)`` as they go into keys and records; emphasis/compounding only when not default."""
+    heads = steer.heads if isinstance(steer.heads, str) else json.dumps(steer.heads, sort_keys=True)
+    extra = "".join(f"|{k}={getattr(steer, k)}" for k, default in (("emphasis", "user"), ("compounding", "none"))
+                    if getattr(steer, k) != default)
+    return float(steer.alpha), heads + extra
+
+
+def check_grid(cfg: NiahConfig, model: Any, steer: Any) -> list[int]:
+    """Refuse what would fail mid-grid, before any cell runs: lengths beyond the model's window (or clamp them
+    with a warning under ``truncate``) and steered heads the model does not have. Returns the lengths."""
+    from ..errors import ConfigError
+
+    lengths = cfg.grid_lengths()
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(text_cfg, "max_position_embeddings", None)
+    if window:
+        over = [L for L in lengths if L > int(window)]
+        if over and not cfg.truncate:
+            raise ConfigError(f"lengths {', '.join(map(str, over))} exceed the model's window of {window} tokens; "
+                              f"use lengths <= {window}, or --truncate to clamp them to the window")
+        if over:
+            logger.warning("lengths %s exceed the model's window: clamped to %d tokens", over, window)
+            lengths = sorted({min(L, int(window)) for L in lengths})
+    if steer is not None:
+        from ..attention.backend import model_dims
+
+        steer.resolve_heads(*model_dims(model))
+    return lengths
+
+
+def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, haystack_id: str, cell: Cell,
+            answer: str, seconds: float) -> dict[str, Any]:
     r = cell.prompt.rendered
     rec = {
         "key": cell.key, "model": model_name, "mode": cell.mode, "needle": needle.name, "haystack": haystack_id,
@@ -70,18 +107,20 @@ def _record(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: str, 
     if cell.prompt.prefix:
         rec["prefix"] = cell.prompt.prefix
     if cell.prompt.steer:
-        rec["alpha"], rec["heads"] = float(cfg.alpha), cfg.heads
+        rec["alpha"], rec["heads"] = steer_tag
     return rec
 
 
-def plan_cells(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: str) -> list[Cell]:
+def plan_cells(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: str,
+               lengths: list[int] | None = None, steer_tag: tuple[float, str] | None = None) -> list[Cell]:
     """All cells of the grid (length-major, then depth, then mode), with their resume keys."""
+    alpha, heads = steer_tag or (float(cfg.alpha), cfg.heads)
     cells = []
-    for length in cfg.grid_lengths():
+    for length in lengths or cfg.grid_lengths():
         for depth in cfg.grid_depths():
             for mode in cfg.modes:
                 key = cell_key(model=model_name, mode=mode, needle=needle.name, length=length, depth=depth,
-                               haystack=haystack_id, alpha=cfg.alpha, heads=cfg.heads)
+                               haystack=haystack_id, alpha=alpha, heads=heads)
                 cells.append(Cell(mode, length, depth, key))
     return cells
 
@@ -96,17 +135,21 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
     cfg = config or NiahConfig()
     needle = load_needle(cfg.needle)
     hay_text = read_haystack(cfg.haystack)
-    study = {**cfg.study_dict(), "needle_definition": needle.to_dict(), "haystack_id": hay_text.id}
-    store = ResultStore(cfg.out, study, overwrite=cfg.overwrite)
+    study = {**cfg.identity_dict(), "needle_definition": needle.to_dict(), "haystack_id": hay_text.id}
+    use_steer = any("steer" in parse_mode(m)[1] for m in cfg.modes)
+    steer_cfg = steering_config(cfg) if use_steer else None
+    store = ResultStore(cfg.out, study, overwrite=cfg.overwrite, config=cfg.to_dict())
     if model is None or tokenizer is None:
         from ..models import load_model
 
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
+    lengths = check_grid(cfg, model, steer_cfg)
+    steer_tag = _steer_tag(steer_cfg) if steer_cfg is not None else (float(cfg.alpha), cfg.heads)
     hay = Haystack(hay_text, tokenizer)
-    hay.token_ids(max(cfg.grid_lengths()))
-    cells = plan_cells(cfg, model_name, needle, hay.id)
+    hay.token_ids(max(lengths))
+    cells = plan_cells(cfg, model_name, needle, hay.id, lengths, steer_tag)
     todo = [c for c in cells if c.key not in store.done]
     logger.info("%d of %d cells to run in %s", len(todo), len(cells), store.dir)
     placements: dict[tuple[int, float], Any] = {}
@@ -116,9 +159,9 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
         c.placement = placements[(c.length, c.depth)]
         c.prompt = build_prompt(tokenizer, c.placement.text, needle, c.mode, system=cfg.system,
                                 system_message=cfg.system_message)
-    steer_cfg = steering_config(cfg) if any("steer" in parse_mode(m)[1] for m in cfg.modes) else None
     _generate(cfg, model, tokenizer, todo, steer_cfg,
-              lambda cell, answer, secs: store.append([_record(cfg, model_name, needle, hay.id, cell, answer, secs)]))
+              lambda cell, answer, secs: store.append([_record(steer_tag, model_name, needle, hay.id, cell, answer,
+                                                               secs)]))
     records = [store.done[c.key] for c in cells if c.key in store.done]
     summary = write_summary(store.dir, records, cfg.modes, extra={"model": model_name, "needle": needle.name,
                                                                   "haystack": hay.id})
