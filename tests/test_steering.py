@@ -212,8 +212,8 @@ def test_reference_compounding_multiplies_log_alpha_by_rank(models, tok):
     cfg = SteeringConfig(alpha=0.7, heads="0,2", compounding="reference")
     with steer(model, cfg, r) as plan:
         assert set(plan.head_scale) == {0, 2}
-        assert torch.equal(plan.head_scale[0], torch.ones(4)) and torch.equal(plan.head_scale[2], torch.full((4,), 2.0))
-        assert plan.log_alpha == pytest.approx(math.log(0.7))
+        assert torch.equal(plan.head_scale[0], torch.ones(1, 4)) and torch.equal(plan.head_scale[2], torch.full((1, 4), 2.0))
+        assert plan.log_alpha.tolist() == pytest.approx([math.log(0.7)])
         compounded = logits(model, r.input_ids)
     # the same as steering layer 2 alone with alpha**2 on top of layer 0 with alpha
     explicit = reference_logits(models["eager"], r.input_ids, user_mask(r), 0.7, "0,2", "reference")

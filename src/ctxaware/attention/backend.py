@@ -1,4 +1,4 @@
-"""Attention functions registered with transformers that add a per-key bias while a plan is active.
+"""Attention functions registered with transformers that add the active plan's bias.
 
 Two implementations are registered (on first use) in transformers' ``AttentionInterface``, each
 with the mask function of the implementation it wraps registered under the same name in
@@ -7,17 +7,18 @@ with the mask function of the implementation it wraps registered under the same 
 * ``"ctxaware_sdpa"`` wraps ``sdpa`` (mask: ``sdpa_mask``);
 * ``"ctxaware_eager"`` wraps ``eager`` (mask: ``eager_mask``).
 
-The model itself is never modified beyond its ``config._attn_implementation``: what to add is
-looked up in a module-level registry keyed by ``id(module.config)``, where
-:func:`push_plan`/:func:`pop_plan` (called by :func:`ctxaware.steering.steer`) put a
-:class:`KeyBiasPlan`. Plans stack, so nested contexts work; the innermost wins. A layer the plan
-does not steer (or any layer when no plan is active) calls the wrapped implementation unchanged,
-so its output is bit-for-bit the model's own.
+The model itself is never modified beyond its configs' ``_attn_implementation``, switched by
+:func:`shared_switch` (reference-counted, so two threads steering one model do not restore it
+under each other). What to add is looked up per forward call in the current context's plans
+(:mod:`.plan`, a ``ContextVar``): a layer the plan does not steer, or any layer when this
+context has no plan, calls the wrapped implementation unchanged, so its output is bit-for-bit the
+model's own. Each layer a plan is applied to is noted in ``plan.reached``, so ``steer()`` can
+tell a steered layer that was never reached (an error, never a silent no-op).
 
 Sliding-window layers: once a sequence outgrows the window, their cache keeps only the last keys,
 so key ``j`` of such a layer is not prompt position ``j``. The registered mask functions record
 the ``kv_offset`` (absolute position of the first key) transformers computes for each window size
-in the active plan, and the attention functions shift the key bias by it.
+in the current context's plan, and the attention functions shift the key bias by it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ import logging
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..errors import ConfigError, SteeringError
 from . import functional as AF
+from . import share as AS
+from .plan import KeyBiasPlan, active_plans, plan_for_config, pop_plan, push_plan
+
+__all__ = ["EAGER_NAME", "SDPA_NAME", "KeyBiasPlan", "active_plans", "eager_attention", "model_configs",
+           "model_dims", "plan_for_config", "pop_plan", "push_plan", "register", "sdpa_attention",
+           "shared_switch", "steered_name", "supports_registry", "switched_implementation"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,109 +47,12 @@ EAGER_NAME = "ctxaware_eager"
 WRAPPED = {SDPA_NAME: "sdpa", EAGER_NAME: "eager"}
 
 _LOCK = threading.Lock()
-_PLANS: dict[int, list["KeyBiasPlan"]] = {}
+_SWITCHED: dict[int, list] = {}
 _REGISTERED = False
 
 
-@dataclass(eq=False)
-class KeyBiasPlan:
-    """What to add during the forward passes of one model: ``head_scale[layer][h] · bias[b, k]``.
-
-    ``emphasis``: bool ``(B, P)`` aligned to the padded prompt (True = emphasised key);
-    ``log_alpha``: bias of the other prompt keys; ``head_scale``: ``{layer: (H,) float32}`` for the
-    steered layers only (0 for unsteered heads). Derived tensors are cached per key length.
-    """
-
-    emphasis: torch.Tensor
-    log_alpha: float
-    head_scale: dict[int, torch.Tensor]
-    _cache: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
-    kv_offsets: dict[int, int] = field(default_factory=dict, repr=False)
-
-    def kv_offset(self, sliding_window: Any) -> int:
-        """Absolute position of the first key of a layer with this window (0 for full attention)."""
-        if not sliding_window:
-            return 0
-        return self.kv_offsets.get(int(sliding_window), 0)
-
-    def scale_for(self, layer: int | None, device: torch.device) -> torch.Tensor | None:
-        if layer is None or layer not in self.head_scale:
-            return None
-        key = ("scale", layer, device)
-        out = self._cache.get(key)
-        if out is None:
-            out = self._cache[key] = self.head_scale[layer].to(device)
-        return out
-
-    def _check_batch(self, batch: int) -> None:
-        b0 = self.emphasis.shape[0]
-        if batch != b0 and (b0 == 0 or batch % b0):
-            raise SteeringError(f"steering was set up for a batch of {b0} prompt(s) but the model ran a batch "
-                                f"of {batch}; pass one emphasis row per batch row")
-
-    def bias(self, kv_length: int, batch: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-        """``(batch, kv_length)`` float32 bias of the keys at positions ``offset .. offset+kv_length-1``
-        (cached for the latest lengths)."""
-        key = ("bias", (kv_length, offset), batch, device)
-        out = self._cache.get(key)
-        if out is None:
-            self._check_batch(batch)
-            self._evict("bias", (kv_length, offset))
-            out = AF.key_bias(self.emphasis, offset + kv_length, self.log_alpha, batch=batch, device=device)
-            out = self._cache[key] = out[:, offset:] if offset else out
-        return out
-
-    def key_channel(self, kv_length: int, batch: int, device: torch.device, dtype: torch.dtype,
-                    scaling: float, offset: int = 0) -> torch.Tensor:
-        """``bias / scaling`` in the key dtype: the extra key channel of the fused SDPA path."""
-        key = ("channel", (kv_length, offset), batch, device, dtype, scaling)
-        out = self._cache.get(key)
-        if out is None:
-            self._evict("channel", (kv_length, offset))
-            out = self._cache[key] = (self.bias(kv_length, batch, device, offset) / scaling).to(dtype)
-        return out
-
-    def _evict(self, kind: str, size: tuple[int, int]) -> None:
-        """Drop cached tensors of other key ranges (decoding grows the length by one per step); the
-        ranges of full and of sliding-window layers alternate, so keep two."""
-        stale = [k for k in self._cache if k[0] == kind and k[1] != size]
-        for k in stale[:-1]:
-            del self._cache[k]
-
-    def clear(self) -> None:
-        self._cache.clear()
-        self.kv_offsets.clear()
-
-
-def push_plan(configs: Iterable[Any], plan: KeyBiasPlan) -> None:
-    with _LOCK:
-        for cfg in configs:
-            _PLANS.setdefault(id(cfg), []).append(plan)
-
-
-def pop_plan(configs: Iterable[Any], plan: KeyBiasPlan) -> None:
-    with _LOCK:
-        for cfg in configs:
-            stack = _PLANS.get(id(cfg))
-            if not stack:
-                continue
-            for i in range(len(stack) - 1, -1, -1):
-                if stack[i] is plan:
-                    del stack[i]
-                    break
-            if not stack:
-                del _PLANS[id(cfg)]
-    plan.clear()
-
-
-def active_plans() -> int:
-    """Number of configs with an active plan (0 when no steering context is open)."""
-    return len(_PLANS)
-
-
 def _plan_for(module: Any) -> KeyBiasPlan | None:
-    stack = _PLANS.get(id(getattr(module, "config", None)))
-    return stack[-1] if stack else None
+    return plan_for_config(getattr(module, "config", None))
 
 
 _EAGER_CACHE: dict[type, Callable] = {}
@@ -160,11 +69,8 @@ def _model_eager(module: Any) -> Callable:
 
 
 def _generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    zeros = torch.zeros(query.shape[0], key.shape[2], device=query.device)
-    scale = torch.zeros(query.shape[1], device=query.device)
-    return AF.eager_key_bias(query, key, value, attention_mask, scaling=scaling or query.shape[-1] ** -0.5,
-                             bias=zeros, head_scale=scale, dropout=dropout,
-                             training=getattr(module, "training", False), softcap=kwargs.get("softcap"))
+    return AF.eager_bias(query, key, value, attention_mask, scaling=scaling or query.shape[-1] ** -0.5, add=None,
+                         dropout=dropout, training=getattr(module, "training", False), softcap=kwargs.get("softcap"))
 
 
 def _unsupported(module: Any, kwargs: dict) -> None:
@@ -174,13 +80,28 @@ def _unsupported(module: Any, kwargs: dict) -> None:
         raise SteeringError(f"{type(module).__name__} uses a position bias, which steering does not support")
 
 
+def _layer_plan(module: Any, query: torch.Tensor) -> tuple[KeyBiasPlan | None, torch.Tensor | None]:
+    plan = _plan_for(module)
+    if plan is None:
+        return None, None
+    layer = getattr(module, "layer_idx", None)
+    head_scale = plan.scale_for(layer, query.shape[0], query.device)
+    if head_scale is not None:
+        plan.reached.add(layer)
+    return plan, head_scale
+
+
+def _coefficient(plan: KeyBiasPlan, head_scale: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """float64 ``(B, H)`` fixed-α coefficient ``head_scale[b, h] · log α_b`` on ``query.device``."""
+    return head_scale.double() * plan.row_log_alpha(query.shape[0], query.device)[:, None]
+
+
 def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                    **kwargs):
-    """``ctxaware_sdpa``: transformers' SDPA attention plus the active plan's key bias."""
+    """``ctxaware_sdpa``: transformers' SDPA attention plus the current plan's bias."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plan = _plan_for(module)
-    head_scale = plan.scale_for(getattr(module, "layer_idx", None), query.device) if plan else None
+    plan, head_scale = _layer_plan(module, query)
     if head_scale is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -189,46 +110,59 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         raise SteeringError("sdpa attention does not support softcap; load the model with attn_implementation='eager'")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    batch, kv_length = query.shape[0], key.shape[2]
+    batch, kv_length, device = query.shape[0], key.shape[2], query.device
     offset = plan.kv_offset(kwargs.get("sliding_window"))
-    if query.shape[2] == 1:
-        bias = plan.bias(kv_length, batch, query.device, offset)
-        out = AF.sdpa_decode_key_bias(query, key, value, attention_mask, scaling=scaling, bias=bias,
-                                      head_scale=head_scale, dropout=dropout)
+    down = plan.down(kv_length, batch, device, offset)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    coef = _coefficient(plan, head_scale, query)
+    share = plan.row_share(batch, device)
+    if share is not None:
+        emph = plan.emphasised(kv_length, batch, device, offset)
+        shares = AS.shares_sdpa(query, key, attention_mask, scaling=scaling, emphasised=emph, down=down,
+                                is_causal=causal)
+        coef = coef[..., None] + AS.share_coef(shares, share, head_scale > 0, plan.share_floor)
+    if query.shape[2] == 1 and query.dtype not in AF.HALF:
+        out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling,
+                                  add=AF.additive_bias(coef, down), dropout=dropout)
     else:
-        channel = plan.key_channel(kv_length, batch, query.device, key.dtype, scaling, offset)
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        out = AF.sdpa_key_bias(query, key, value, attention_mask, scaling=scaling, key_channel=channel,
-                               head_scale=head_scale, is_causal=causal, dropout=dropout)
+        q_ch, k_ch = AF.bias_channels(coef, down, scaling=scaling, dtype=query.dtype, head_dim=query.shape[-1])
+        out = AF.sdpa_channels(query, key, value, attention_mask, scaling=scaling, q_channels=q_ch,
+                               k_channels=k_ch, is_causal=causal, dropout=dropout)
     return out, None
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``ctxaware_eager``: the model's eager attention plus the active plan's key bias."""
-    plan = _plan_for(module)
-    head_scale = plan.scale_for(getattr(module, "layer_idx", None), query.device) if plan else None
+    """``ctxaware_eager``: the model's eager attention plus the current plan's bias."""
+    plan, head_scale = _layer_plan(module, query)
     if head_scale is None:
         return _model_eager(module)(module, query, key, value, attention_mask, scaling=scaling,
                                     dropout=dropout, **kwargs)
     _unsupported(module, kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    bias = plan.bias(key.shape[2], query.shape[0], query.device, plan.kv_offset(kwargs.get("sliding_window")))
-    return AF.eager_key_bias(query, key, value, attention_mask, scaling=scaling, bias=bias,
-                             head_scale=head_scale, dropout=dropout,
-                             training=getattr(module, "training", False), softcap=kwargs.get("softcap"))
+    batch, kv_length, device = query.shape[0], key.shape[2], query.device
+    offset = plan.kv_offset(kwargs.get("sliding_window"))
+    down = plan.down(kv_length, batch, device, offset)
+    scores = AF.eager_scores(query, key, attention_mask, scaling=scaling, softcap=kwargs.get("softcap"))
+    add = AF.additive_bias(_coefficient(plan, head_scale, query), down)
+    share = plan.row_share(batch, device)
+    if share is not None:
+        emph = plan.emphasised(kv_length, batch, device, offset)
+        shares = AS.shares_eager(scores, emph, down)
+        add = add + AF.additive_bias(AS.share_coef(shares, share, head_scale > 0, plan.share_floor), down)
+    return AF.eager_bias(query, key, value, attention_mask, scaling=scaling, add=add, scores=scores,
+                         dropout=dropout, training=getattr(module, "training", False))
 
 
 def _recording(mask_fn: Callable) -> Callable:
-    """A mask function that first notes the key offset of sliding-window masks in the active plan."""
+    """A mask function that first notes the key offset of sliding-window masks in the current plan."""
 
     def mask(*args: Any, **kwargs: Any) -> Any:
         local_size, config = kwargs.get("local_size"), kwargs.get("config")
         if local_size and config is not None:
-            stack = _PLANS.get(id(config))
-            if stack:
-                offset = kwargs.get("kv_offset", 0)
-                stack[-1].kv_offsets[int(local_size)] = int(offset)
+            plan = plan_for_config(config)
+            if plan is not None:
+                plan.kv_offsets[int(local_size)] = int(kwargs.get("kv_offset", 0))
         return mask_fn(*args, **kwargs)
 
     mask.__name__ = mask.__qualname__ = f"recording_{mask_fn.__name__}"
@@ -277,6 +211,39 @@ def switched_implementation(model: Any, name_for: Callable[[Any], str]) -> Itera
     finally:
         for cfg, impl in saved:
             set_impl(cfg, impl)
+
+
+@contextmanager
+def shared_switch(model: Any, name_for: Callable[[Any], str] | None = None) -> Iterator[None]:
+    """Switch ``model`` to the ctxaware implementations while any steering block on it is open.
+
+    Reference-counted per model: the first block switches every config (``name_for``, default
+    :func:`steered_name`), the last one to close restores them, whichever thread it runs in.
+    """
+    name_for = name_for or steered_name
+    key = id(model)
+    with _LOCK:
+        entry = _SWITCHED.get(key)
+        if entry is None:
+            saved = [(cfg, get_impl(cfg)) for cfg in model_configs(model)]
+            for cfg, impl in saved:
+                set_impl(cfg, name_for(impl))
+            entry = _SWITCHED[key] = [0, saved]
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                for cfg, impl in entry[1]:
+                    set_impl(cfg, impl)
+                _SWITCHED.pop(key, None)
+
+
+def supports_registry(model: Any) -> bool:
+    """Whether ``model``'s attention goes through transformers' attention registry (so steering reaches it)."""
+    return bool(getattr(model, "_supports_attention_backend", False))
 
 
 def model_dims(model: Any) -> tuple[int, int]:

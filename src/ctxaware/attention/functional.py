@@ -1,25 +1,29 @@
-"""Pure tensor math of attention with a per-key, per-head additive bias on the scores.
+"""Pure tensor math of attention with an additive, rank-one bias on the scores.
 
-The steering bias adds ``s_h · b_k`` to the pre-softmax score of query head ``h`` and key ``k``:
-``b_k`` depends on the key only (``log α`` on non-emphasised prompt keys, 0 elsewhere) and ``s_h``
-on the query head only (1 for steered heads, 0 for the others; ``i + 1`` under the reference
-compounding). Nothing here materialises a ``T × T`` tensor per head:
+Steering adds ``c[b, h, q] · u[b, k]`` to the pre-softmax score of row ``b``, query head ``h``,
+query ``q`` and key ``k``: ``u`` is the indicator of the down-weighted keys (prompt keys outside
+the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α rule, or the per-query
+``b_q`` of the target-share rule. Nothing here materialises a ``T × T`` tensor per head:
 
-* :func:`sdpa_key_bias` (prefill, any query length) folds the bias into SDPA through one extra
-  channel: ``q' = [q, s_h]``, ``k' = [k, b_k / scale]`` and SDPA called with ``scale`` explicitly,
-  so ``scale · q'·k' = scale · q·k + s_h · b_k``. The causal flag, the boolean padding mask and
-  un-repeated grouped-query heads (``enable_gqa``) stay as they are, so SDPA keeps its fused
-  causal kernel. ``v`` gets a zero channel (CPU flash attention wants equal head dims; this is
-  faster than unequal dims) that is dropped from the output.
-* :func:`sdpa_decode_key_bias` (one query token, the KV-cache decode step): a float mask of
-  ``(B, H, 1, T)`` — O(T) per head — with the grouped query heads packed as query rows.
-* :func:`eager_key_bias`: the eager formula (scores + mask + bias, float32 softmax).
+* :func:`sdpa_channels` (prefill, and decoding in half precision) folds the bias into SDPA through
+  extra channels: ``q' = [q, c₁, c₂, …, 0…]``, ``k' = [k, u, u, …, 0…]`` with ``c₁ + c₂ + … =
+  c / scale`` (a hi/lo split: ``c₁`` is ``c / scale`` rounded to the dtype, ``c₂`` the rounded
+  remainder, …) and SDPA called with ``scale`` explicitly, so ``scale · q'·k' = scale · q·k + c·u``
+  with the bias exact to the dtype's precision squared (cubed), not to its precision. The width is
+  padded to a multiple of 8 (half types) or 4 (fp32) so the fused CUDA kernels stay eligible
+  (:mod:`.kernels`); ``v`` is zero-padded to the same width. The causal flag, a boolean padding
+  mask and un-repeated grouped-query heads (``enable_gqa``) are passed through unchanged.
+* :func:`sdpa_decode_mask` (one query token in fp32/fp64): a float mask ``(B, H, 1, T)`` — O(T)
+  per head — with the grouped query heads packed as query rows.
+* :func:`eager_bias`: the eager formula (scores + mask + bias, float32 softmax).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -35,8 +39,7 @@ def key_bias(emphasis: torch.Tensor, kv_length: int, log_alpha: float, *, batch:
     """Per-key bias ``(B, kv_length)``: ``log_alpha`` on prompt keys not emphasised, 0 elsewhere.
 
     ``emphasis``: bool ``(B0, P)`` aligned to the padded prompt (``P`` = prompt length). Keys at
-    positions ``>= P`` (generated) get 0. ``batch`` (a multiple of ``B0``) repeats each row for
-    beam search / several return sequences.
+    positions ``>= P`` (generated) get 0. ``batch`` (a multiple of ``B0``) repeats each row.
     """
     emphasis = emphasis.to(device=device)
     b0, prompt_len = emphasis.shape
@@ -48,53 +51,130 @@ def key_bias(emphasis: torch.Tensor, kv_length: int, log_alpha: float, *, batch:
     return bias
 
 
-def sdpa_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, *, scaling: float, key_channel: torch.Tensor,
-                  head_scale: torch.Tensor, is_causal: bool = True, dropout: float = 0.0) -> torch.Tensor:
-    """SDPA with ``head_scale[h] · bias[b, k]`` added to the scores; returns ``(B, Tq, H, Dv)``.
+def padded_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Head width with at least one extra channel, rounded up to the fused kernels' alignment
+    (8 elements for fp16/bf16, 4 otherwise)."""
+    align = 8 if dtype in HALF else 4
+    return -(-(head_dim + 1) // align) * align
 
-    ``key_channel``: ``(B, Tk)`` = bias / scaling, in the key dtype. ``head_scale``: ``(H,)``.
-    ``query (B, H, Tq, D)``, ``key``/``value`` ``(B, Hkv, Tk, D)`` with ``H`` a multiple of
-    ``Hkv`` (not yet repeated). ``attention_mask``: None, or a bool/float mask broadcastable to
-    ``(B, 1, Tq, Tk)`` as built by ``sdpa_mask``.
+
+def split_parts(x: torch.Tensor, dtype: torch.dtype, parts: int) -> torch.Tensor:
+    """``x`` (float64) as ``parts`` tensors of ``dtype`` stacked on a new last dim whose float64 sum
+    approximates ``x`` to about ``eps(dtype) ** parts`` relative error."""
+    x = x.double()
+    out, rest = [], x
+    for _ in range(parts):
+        piece = rest.to(dtype)
+        out.append(piece)
+        rest = rest - piece.double()
+    return torch.stack(out, dim=-1)
+
+
+def channel_parts(head_dim: int, dtype: torch.dtype) -> int:
+    """How many spare channels carry the split bias: 3 in half types, 2 in fp32, 1 in fp64."""
+    spare = padded_width(head_dim, dtype) - head_dim
+    want = 3 if dtype in HALF else 2 if dtype == torch.float32 else 1
+    return max(1, min(spare, want))
+
+
+def padded_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_channels: torch.Tensor,
+               k_channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q' = [q, q_channels, 0…]``, ``k' = [k, k_channels, 0…]``, ``v' = [v, 0…]`` at the padded width.
+
+    ``q_channels``: ``(B, H, Tq or 1, n)``; ``k_channels``: ``(B, Tk, n)`` (same for every kv head).
+    ``v`` is padded only when its head dim equals the query's.
     """
     b, h, tq, d = query.shape
     h_kv, tk, dv = key.shape[1], key.shape[2], value.shape[-1]
-    n_rep = h // h_kv
-    # Same conventions as transformers' sdpa_attention_forward.
-    is_causal = bool(tq > 1 and attention_mask is None and is_causal)
-    if is_causal and tk > tq:  # prefill into an empty static cache: drop the unused tail
-        key, value, key_channel, tk = key[:, :, :tq], value[:, :, :tq], key_channel[:, :tq], tq
-    q2 = query.new_empty(b, tq, h, d + 1).transpose(1, 2)
+    n = q_channels.shape[-1]
+    width = padded_width(d, query.dtype)
+    if d + n > width:
+        raise ValueError(f"{n} extra channel(s) do not fit in the padded width {width} of head dim {d}")
+    q2 = query.new_zeros(b, tq, h, width).transpose(1, 2)
     q2[..., :d] = query
-    q2[..., d] = head_scale.to(query.dtype).view(1, h, 1)
-    k2 = key.new_empty(b, h_kv, tk, d + 1)
+    q2[..., d:d + n] = q_channels.to(query.dtype)
+    k2 = key.new_zeros(b, h_kv, tk, width)
     k2[..., :d] = key
-    k2[..., d] = key_channel[:, None, :]
+    k2[..., d:d + n] = k_channels.to(key.dtype)[:, None]
     if dv == d:
-        v2 = value.new_empty(b, h_kv, tk, d + 1)
+        v2 = value.new_zeros(b, h_kv, tk, width)
         v2[..., :d] = value
-        v2[..., d] = 0
     else:
         v2 = value
+    return q2, k2, v2
+
+
+def sdpa_padded(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, attention_mask: torch.Tensor | None,
+                *, scaling: float, is_causal: bool, dropout: float = 0.0) -> torch.Tensor:
+    """SDPA on (possibly grouped-query) tensors with transformers' conventions; ``(B, H, Tq, Dv)``."""
+    n_rep = q2.shape[1] // k2.shape[1]
     extra = {}
     if n_rep > 1:
-        if attention_mask is None:
-            extra["enable_gqa"] = True
+        if attention_mask is None and not (q2.is_cuda and q2.dtype not in HALF):
+            extra["enable_gqa"] = True  # flash (half types, CUDA) and the CPU kernel take GQA as is
         else:
             k2, v2 = repeat_kv(k2, n_rep), repeat_kv(v2, n_rep)
-    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, is_causal=is_causal, **extra)
+    return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attention_mask, dropout_p=dropout,
+                                          scale=scaling, is_causal=is_causal, **extra)
+
+
+def sdpa_channels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, *, scaling: float, q_channels: torch.Tensor,
+                  k_channels: torch.Tensor, is_causal: bool = True, dropout: float = 0.0) -> torch.Tensor:
+    """SDPA with ``scale · Σ_c q_channels[..., c] · k_channels[..., c]`` added to the scores.
+
+    ``query (B, H, Tq, D)``, ``key``/``value`` ``(B, Hkv, Tk, D)`` (not yet repeated);
+    ``attention_mask``: None, or a bool/float mask broadcastable to ``(B, 1, Tq, Tk)`` as built by
+    ``sdpa_mask``. Returns ``(B, Tq, H, Dv)`` like transformers' ``sdpa_attention_forward``.
+    """
+    tq, tk, dv = query.shape[2], key.shape[2], value.shape[-1]
+    is_causal = bool(tq > 1 and attention_mask is None and is_causal)
+    if is_causal and tk > tq:  # prefill into an empty static cache: drop the unused tail
+        key, value, k_channels = key[:, :, :tq], value[:, :, :tq], k_channels[:, :tq]
+    q2, k2, v2 = padded_qkv(query, key, value, q_channels, k_channels)
+    out = sdpa_padded(q2, k2, v2, attention_mask, scaling=scaling, is_causal=is_causal, dropout=dropout)
     return out[..., :dv].transpose(1, 2).contiguous()
+
+
+def bias_channels(coef: torch.Tensor, down: torch.Tensor, *, scaling: float, dtype: torch.dtype,
+                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k channels for the bias ``coef[b, h, q] · down[b, k]``.
+
+    ``coef``: float ``(B, H)`` or ``(B, H, Tq)``; ``down``: bool ``(B, Tk)``. The q side carries
+    ``coef / scaling`` split into hi/lo parts, the k side the exact 0/1 indicator once per part.
+    """
+    if coef.dim() == 2:
+        coef = coef[..., None]
+    parts = channel_parts(head_dim, dtype)
+    q_ch = split_parts(coef.double() / scaling, dtype, parts)
+    k_ch = down.to(dtype)[..., None].expand(*down.shape, parts)
+    return q_ch, k_ch
+
+
+def additive_bias(coef: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``(B, H, Tq or 1, Tk)`` float64 bias ``coef[b, h, (q)] · down[b, k]``."""
+    if coef.dim() == 2:
+        coef = coef[..., None]
+    return coef.double()[..., None] * down.double()[:, None, None, :]
 
 
 def bias_mask(bias: torch.Tensor, head_scale: torch.Tensor, attention_mask: torch.Tensor | None,
               dtype: torch.dtype) -> torch.Tensor:
-    """Float mask ``(B, H, Tq, Tk)`` (``Tq`` from the mask, else 1) = head_scale ⊗ bias + mask."""
+    """Float mask ``(B, H, Tq, Tk)`` (``Tq`` from the mask, else 1) = head_scale ⊗ bias + mask.
+
+    ``head_scale``: ``(H,)`` or ``(B, H)``; ``bias``: ``(B, Tk)``.
+    """
     work = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 model
-    full = head_scale.to(work).view(1, -1, 1, 1) * bias.to(work)[:, None, None, :]
+    hs = head_scale.to(work)
+    hs = hs.view(1, -1, 1, 1) if hs.dim() == 1 else hs.view(hs.shape[0], -1, 1, 1)
+    full = hs * bias.to(work)[:, None, None, :]
+    return _with_mask(full, attention_mask, dtype, work)
+
+
+def _with_mask(full: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype,
+               work: torch.dtype) -> torch.Tensor:
     if attention_mask is not None:
-        tk = bias.shape[-1]
+        tk = full.shape[-1]
         mask = attention_mask[..., :tk]
         if mask.dtype == torch.bool:
             full = full.masked_fill(~mask, torch.finfo(dtype).min)
@@ -103,20 +183,21 @@ def bias_mask(bias: torch.Tensor, head_scale: torch.Tensor, attention_mask: torc
     return full.to(dtype)
 
 
-def sdpa_decode_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, *, scaling: float, bias: torch.Tensor,
-                         head_scale: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-    """One query token: SDPA with a ``(B, H, 1, Tk)`` float mask; returns ``(B, 1, H, Dv)``.
+def sdpa_decode_mask(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, *, scaling: float, add: torch.Tensor,
+                     dropout: float = 0.0) -> torch.Tensor:
+    """One query token: SDPA with the float mask ``add + mask`` ``(B, H, 1, Tk)``; ``(B, 1, H, Dv)``.
 
     The ``n_rep`` query heads sharing a kv head are packed as ``n_rep`` query rows, so keys and
-    values are never repeated (and never copied).
+    values are never repeated (and never copied). Meant for fp32/fp64 (a half-precision mask would
+    round the bias; half types decode through :func:`sdpa_channels`).
     """
     b, h, tq, d = query.shape
     h_kv, dv = key.shape[1], value.shape[-1]
     n_rep = h // h_kv
-    mask = bias_mask(bias, head_scale, attention_mask, query.dtype)  # (B, H, 1, Tk)
-    if mask.shape[0] != b:
-        mask = mask.expand(b, *mask.shape[1:])
+    work = torch.promote_types(query.dtype, torch.float32)
+    mask = _with_mask(add.to(work), attention_mask, query.dtype, work)
+    mask = mask.expand(b, h, tq, mask.shape[-1])
     if n_rep > 1 and tq == 1:
         q = query.reshape(b, h_kv, n_rep, d)
         mask = mask.reshape(b, h_kv, n_rep, mask.shape[-1])
@@ -128,20 +209,49 @@ def sdpa_decode_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out.transpose(1, 2).contiguous()
 
 
-def eager_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, *, scaling: float, bias: torch.Tensor,
-                   head_scale: torch.Tensor, dropout: float = 0.0, training: bool = False,
-                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention plus ``head_scale[h] · bias[b, k]``; returns ``(out (B, Tq, H, Dv), probs)``."""
-    n_rep = query.shape[1] // key.shape[1]
-    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+def sdpa_decode_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, *, scaling: float, bias: torch.Tensor,
+                         head_scale: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """:func:`sdpa_decode_mask` with the bias ``head_scale[(b,) h] · bias[b, k]``."""
+    hs = head_scale if head_scale.dim() == 2 else head_scale[None].expand(bias.shape[0], -1)
+    return sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling,
+                            add=hs.double()[:, :, None, None] * bias.double()[:, None, None, :], dropout=dropout)
+
+
+def eager_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                 scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """The eager pre-softmax scores ``(B, H, Tq, Tk)`` (softcapped, masked), in the query dtype."""
+    k = repeat_kv(key, query.shape[1] // key.shape[1])
     scores = torch.matmul(query, k.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask[..., : k.shape[-2]]
-    scores = scores + (head_scale.to(scores.dtype).view(1, -1, 1, 1) * bias.to(scores.dtype)[:, None, None, :])
+    return scores
+
+
+def eager_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *, scaling: float, add: torch.Tensor | None,
+               scores: torch.Tensor | None = None, dropout: float = 0.0, training: bool = False,
+               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention plus ``add`` (broadcastable to the scores); ``(out (B, Tq, H, Dv), probs)``."""
+    if scores is None:
+        scores = eager_scores(query, key, attention_mask, scaling=scaling, softcap=softcap)
+    if add is not None:
+        scores = (scores.float() + add.float()) if scores.dtype in HALF else scores + add.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
+    v = repeat_kv(value, query.shape[1] // value.shape[1])
     out = torch.matmul(probs, v).transpose(1, 2).contiguous()
     return out, probs
+
+
+def eager_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, *, scaling: float, bias: torch.Tensor,
+                   head_scale: torch.Tensor, dropout: float = 0.0, training: bool = False,
+                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`eager_bias` with ``head_scale[(b,) h] · bias[b, k]``."""
+    hs = head_scale if head_scale.dim() == 2 else head_scale[None].expand(bias.shape[0], -1)
+    add = hs.double()[:, :, None, None] * bias.double()[:, None, None, :]
+    return eager_bias(query, key, value, attention_mask, scaling=scaling, add=add, dropout=dropout,
+                      training=training, softcap=softcap)

@@ -19,6 +19,7 @@ MESSAGE_ROLES = ("system", "user", "assistant")
 EMPHASIS_HELP = ('tokens kept at full weight: "user" (content of every user turn), "last_user", or roles '
                  'joined by "+" such as "system+user"; every other prompt token is down-weighted')
 COMPOUNDING = ("none", "reference")
+RULES = ("alpha", "share")
 
 
 def parse_emphasis(value: str) -> tuple[str, ...]:
@@ -38,7 +39,8 @@ def parse_emphasis(value: str) -> tuple[str, ...]:
 @dataclass
 class SteeringConfig(ConfigMixin):
     """Post-hoc attention steering (METHOD §2): scale the attention paid to non-emphasised prompt
-    tokens by ``alpha`` in the selected heads and renormalise."""
+    tokens by ``alpha`` in the selected heads and renormalise — or, under ``rule="share"``, scale it
+    per query just enough that the emphasised tokens get at least ``share`` of the attention."""
 
     alpha: float = field(0.95, help="weight kept on prompt tokens outside the emphasised spans, in (0, 1]; "
                          "1 = no steering, smaller = steer harder", metavar="A")
@@ -47,6 +49,11 @@ class SteeringConfig(ConfigMixin):
     compounding: str = field("none", help='"none": one log(alpha) per steered layer (the paper\'s math); '
                              '"reference": the i-th steered layer applies alpha^(i+1), as the authors\' code does',
                              choices=COMPOUNDING)
+    rule: str = field("alpha", help='"alpha": fixed weight alpha on the other prompt keys; "share": per query and head, '
+                      'the smallest down-weighting that gives the emphasised keys at least --share of the attention '
+                      '(alpha is then ignored)', choices=RULES)
+    share: float = field(0.5, help='target attention share of the emphasised keys under rule "share", in (0, 1)',
+                         metavar="S")
 
     def __post_init__(self) -> None:
         try:
@@ -60,13 +67,22 @@ class SteeringConfig(ConfigMixin):
             self.heads = list(self.heads)
         parse_heads(self.heads)
         parse_emphasis(self.emphasis)
+        if self.rule not in RULES:
+            raise ConfigError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        try:
+            share = float(self.share)
+        except (TypeError, ValueError):
+            raise ConfigError(f"share must be a number in (0, 1), got {self.share!r}") from None
+        if isinstance(self.share, bool) or not math.isfinite(share) or not 0.0 < share < 1.0:
+            raise ConfigError(f"share must lie strictly between 0 and 1 (e.g. 0.5), got {self.share!r}")
+        self.share = share
         if self.compounding not in COMPOUNDING:
             raise ConfigError(f"compounding must be one of {', '.join(COMPOUNDING)}, got {self.compounding!r}")
 
     @property
     def active(self) -> bool:
-        """False when ``alpha == 1`` (steering is then the identity and is skipped)."""
-        return self.alpha < 1.0
+        """False when steering is the identity and is skipped (``alpha == 1`` under the fixed-α rule)."""
+        return self.rule == "share" or self.alpha < 1.0
 
     def resolve_heads(self, num_layers: int, num_heads: int) -> dict[int, list[int] | None]:
         """``{layer: None (every head) | [query heads]}`` for a model with these counts."""
