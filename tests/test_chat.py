@@ -265,10 +265,14 @@ def test_missing_template_is_reported(byte_tokenizer):
 @pytest.mark.parametrize("bad, match", [
     ([], "empty"),
     ("hello", "list"),
-    ([{"role": "robot", "content": "x"}], "unknown role"),
-    ([{"role": "user", "content": 3}], "string"),
-    ([{"role": "user"}], "string"),
-    (["hi"], "dict"),
+    ([{"role": "robot", "content": "x"}], "message 0 field 'role': unknown_role:robot"),
+    ([{"role": "user", "content": 3}], "non_string_content"),
+    ([{"role": "user", "content": float("nan")}], "got NaN"),
+    ([{"role": "user", "content": None}], "non_string_content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "non_text_content"),
+    ([{"role": "user"}], "missing_content"),
+    ([{"content": "x"}], "missing_role"),
+    (["hi"], "object"),
 ])
 def test_validate_messages_errors(bad, match):
     with pytest.raises(InputError, match=match):
@@ -298,7 +302,7 @@ def test_load_messages_formats(tmp_path):
         load_messages(tmp_path / "bad.json")
     with pytest.raises(InputFileNotFoundError):
         load_messages(tmp_path / "missing.json")
-    with pytest.raises(InputError, match="unknown speaker"):
+    with pytest.raises(InputError, match="unknown_role:narrator"):
         from_sharegpt([{"from": "narrator", "value": "x"}])
 
 

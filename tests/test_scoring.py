@@ -141,12 +141,12 @@ def test_undefined_turns_and_bad_rows(one):
     assert row.reasons == ["no_user", None]
     bad = scorer.score_many([
         [{"role": "user", "content": "Hello!"}],
-        [{"role": "user", "content": "Hello!"}, {"role": "bot", "content": "x"}],
-        [{"role": "user", "content": ["Hello!"]}, {"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "Hello!"}, {"role": "narrator", "content": "x"}],
+        [{"role": "user", "content": {"text": "Hello!"}}, {"role": "assistant", "content": "x"}],
         {"text": "no conversation"},
         CONVS[1],
     ])
-    assert [b.error for b in bad] == ["no_assistant_turn", "unknown_role:bot", "non_string_content",
+    assert [b.error for b in bad] == ["no_assistant_turn", "unknown_role:narrator", "non_string_content",
                                       "no_messages", None]
     assert all(b.scores is None for b in bad[:4]) and bad[-1].scores[0] is not None
     with pytest.raises(RowError):
@@ -161,8 +161,8 @@ def test_sharegpt_conversion_and_scoring(one):
     row = Scorer(model, tok).score({"conversations": conv})
     _close(row.scores, brute_force_scores(model, tok, CONVS[0][:3], default_layer(4)))
     with pytest.raises(RowError) as exc:
-        convert_sharegpt([{"from": "bing", "value": "x"}])
-    assert exc.value.reason == "unknown_role:bing"
+        convert_sharegpt([{"from": "narrator", "value": "x"}])
+    assert exc.value.reason == "unknown_role:narrator"
 
 
 def test_real_conversations_match_brute_force():

@@ -30,7 +30,7 @@ def _rows(n=23):
     rows[3] = {"id": 3, "conversations": [{"from": "human", "value": "Hello!"}, {"from": "gpt", "value": "Paris."}]}
     rows[5] = {"id": 5, "messages": [{"role": "user", "content": "Hello!"}]}
     rows[7] = {"id": 7, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
-    rows[9] = {"id": 9, "conversations": [{"from": "bing", "value": "Hello!"}]}
+    rows[9] = {"id": 9, "conversations": [{"from": "narrator", "value": "Hello!"}]}
     return rows
 
 
@@ -56,7 +56,7 @@ def test_output_keeps_rows_and_reports_bad_ones(probe, data, tmp_path):
     for r, o in zip(rows, original):
         assert {k: v for k, v in r.items() if not k.startswith("ctx_")} == o  # text never modified
     assert rows[5]["ctx_score_error"] == "no_assistant_turn" and rows[5]["ctx_scores"] is None
-    assert rows[9]["ctx_score_error"] == "unknown_role:bing"
+    assert rows[9]["ctx_score_error"] == "unknown_role:narrator"
     assert rows[7]["ctx_scores"] == [None] and rows[7]["ctx_score_reasons"] == ["empty_response"]
     assert isinstance(rows[3]["ctx_scores"][0], float)
     assert summary.row_errors == {"no_assistant_turn": 1, "unknown_role": 1}
@@ -214,7 +214,7 @@ def test_formats_and_load_conversations(tmp_path):
     with pytest.raises(InputFileNotFoundError):
         read_rows(tmp_path / "missing.jsonl")
     with pytest.raises(InputError):
-        load_conversations(write_rows([{"conversations": [{"from": "bing", "value": "x"}]}], tmp_path / "b.json"))
+        load_conversations(write_rows([{"conversations": [{"from": "narrator", "value": "x"}]}], tmp_path / "b.json"))
 
 
 def test_cli_score_shards_merge_then_indicate(probe, data, tmp_path, monkeypatch, capsys):
@@ -254,7 +254,7 @@ def test_cli_score_shards_merge_then_indicate(probe, data, tmp_path, monkeypatch
     text = capsys.readouterr().out
     assert all(f"{t}" in text for t in ("0.5", "0.6", "0.7", "0.8"))
     rows = read_rows(labelled)
-    assert len(rows) == 22 and all("ctx_scores" not in r and "messages" in r for r in rows)  # bing row dropped
+    assert len(rows) == 22 and all("ctx_scores" not in r and "messages" in r for r in rows)  # narrator row dropped
     by_id = {r["id"]: r for r in single}
     for r in rows:
         s = (by_id[r["id"]]["ctx_scores"] or [None])[0]

@@ -26,68 +26,68 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import InputError, InputFileNotFoundError, TemplateError
+from .roles import from_sharegpt, to_messages  # noqa: F401  (from_sharegpt re-exported)
 from .types import MESSAGE_ROLES, RenderedChat, RoleSpan
 
 # Private-use code points: never produced by a template, vanishingly rare in data.
 _SENTINELS = ("\ue000\ue001\ue002", "\ue003\ue004\ue005")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
-                   "system": "system"}
 
 
 def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check HF ``messages`` (a non-empty list of ``{role, content}``) and return plain dict copies.
+    """Check a conversation (HF ``messages``, ShareGPT turns, or an object holding either) and return
+    plain ``{role, content}`` copies; the one validation path of :mod:`ctxaware.chat.roles`.
 
-    Raises :class:`InputError` naming the bad message: not a list, empty list, a message that is not a
-    mapping, an unknown role (allowed: system, user, assistant), or non-string content.
+    Raises :class:`~ctxaware.chat.roles.MessageError` (an :class:`InputError`) naming the bad message
+    and field.
     """
-    if isinstance(messages, Mapping) and "messages" in messages:
-        messages = messages["messages"]
-    if not isinstance(messages, (list, tuple)):
-        raise InputError(f"messages must be a list of {{role, content}} dicts, got {type(messages).__name__}")
-    if not messages:
-        raise InputError("messages is empty: a conversation needs at least one message")
-    out = []
-    for i, m in enumerate(messages):
-        if hasattr(m, "to_dict") and not isinstance(m, Mapping):
-            m = m.to_dict()
-        if not isinstance(m, Mapping):
-            raise InputError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
-        role, content = m.get("role"), m.get("content")
-        if role not in MESSAGE_ROLES:
-            raise InputError(f"message {i} has unknown role {role!r}; use one of {', '.join(MESSAGE_ROLES)}")
-        if not isinstance(content, str):
-            raise InputError(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
-    return out
+    return to_messages(messages)
 
 
-def from_sharegpt(conversations: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """ShareGPT ``[{from, value}]`` -> HF ``[{role, content}]`` (human→user, gpt→assistant)."""
-    out = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, Mapping) or "from" not in turn:
-            raise InputError(f"ShareGPT turn {i} must be a dict with 'from' and 'value'")
-        role = _SHAREGPT_ROLES.get(str(turn["from"]).lower())
-        if role is None:
-            raise InputError(f"ShareGPT turn {i} has unknown speaker {turn['from']!r}")
-        out.append({"role": role, "content": turn.get("value")})
-    return out
+MAX_MESSAGES_FILE_BYTES = 64 * 1024 * 1024
 
 
 def load_messages(path: str | Path) -> list[dict[str, str]]:
-    """Read one conversation from a JSON file: a list of messages, ``{"messages": [...]}``, or a
-    ShareGPT ``{"conversations": [{from, value}]}``; validated."""
+    """Read one conversation from a file and validate it.
+
+    ``.json``: a list of messages, ``{"messages": [...]}`` or ShareGPT ``{"conversations": [...]}``.
+    ``.jsonl``: one message per line (or a single line holding one of the JSON shapes). A UTF-8 BOM
+    is accepted; invalid UTF-8, invalid JSON, bad messages and files over 64 MiB raise
+    :class:`InputError` naming the file, line/message and field.
+    """
     p = Path(path)
     if not p.is_file():
         raise InputFileNotFoundError(f"messages file not found: {path}")
+    size = p.stat().st_size
+    if size > MAX_MESSAGES_FILE_BYTES:
+        raise InputError(f"{path} is {size / 2**20:.0f} MiB, too large for one conversation (limit 64 MiB); "
+                         "score datasets with 'ctxaware score' instead")
+    raw = p.read_bytes()
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if isinstance(data, Mapping) and "conversations" in data and "messages" not in data:
-        data = from_sharegpt(data["conversations"])
-    return validate_messages(data)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path}: invalid UTF-8 at byte {exc.start} (line {line}); re-save the file as UTF-8"
+                         ) from None
+    if p.suffix.lower() in (".jsonl", ".ndjson"):
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg}); one message object per line") from None
+        data: Any = items[0] if len(items) == 1 and isinstance(items[0], (list, Mapping)) and (
+            isinstance(items[0], list) or "messages" in items[0] or "conversations" in items[0]) else items
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        return to_messages(data)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool,

@@ -1,8 +1,8 @@
 """Reading and writing conversation datasets: JSONL, JSON, parquet, ``datasets`` names/directories.
 
 Rows carry a conversation in Hugging Face ``messages`` format (``[{"role", "content"}]``) or in
-ShareGPT ``conversations`` format (``[{"from", "value"}]``, ``human`` → ``user``, ``gpt`` →
-``assistant``, ``system`` → ``system``; ``user``/``assistant`` are accepted as is).
+ShareGPT ``conversations`` format (``[{"from", "value"}]``); role names go through the one map
+:data:`ctxaware.chat.roles.ROLE_ALIASES` (``human`` → ``user``, ``gpt``/``bing``/... → ``assistant``).
 :func:`row_messages` returns the messages of a row or raises :class:`RowError` with a short
 machine-readable reason (``no_messages``, ``unknown_role:<r>``, ``non_string_content``, ...).
 """
@@ -14,13 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..chat.roles import ROLE_ALIASES, MessageError, to_messages
 from ..errors import InputError, InputFileNotFoundError, require
+from ..fsio import atomic_write
 
 logger = logging.getLogger(__name__)
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
-MESSAGE_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = ROLE_ALIASES  # the one role-name map (ctxaware.chat.roles)
 
 
 class RowError(InputError):
@@ -31,58 +31,57 @@ class RowError(InputError):
         self.reason = reason
 
 
+def _row_error(exc: MessageError) -> RowError:
+    where = f"message {exc.index}" if exc.index is not None else ""
+    detail = "; ".join(x for x in (where + (f" field {exc.field!r}" if exc.field else ""), exc.detail) if x)
+    return RowError(exc.reason, detail)
+
+
 def convert_sharegpt(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """ShareGPT ``[{"from", "value"}]`` → ``[{"role", "content"}]`` (raises :class:`RowError`)."""
-    out = []
-    for turn in conversations:
-        if not isinstance(turn, dict):
-            raise RowError("malformed_message", f"expected a mapping, got {type(turn).__name__}")
-        who = turn.get("from", turn.get("role"))
-        role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
-        if role is None:
-            raise RowError(f"unknown_role:{who}")
-        out.append({"role": role, "content": turn.get("value", turn.get("content"))})
-    return out
+    try:
+        return to_messages(list(conversations))
+    except MessageError as exc:
+        raise _row_error(exc) from None
 
 
 def row_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """The validated messages of a row (``messages`` or ShareGPT ``conversations``)."""
-    if isinstance(row.get("messages"), list):
-        messages = []
-        for m in row["messages"]:
-            if not isinstance(m, dict):
-                raise RowError("malformed_message", f"expected a mapping, got {type(m).__name__}")
-            messages.append({"role": m.get("role"), "content": m.get("content")})
-    elif isinstance(row.get("conversations"), list):
-        messages = convert_sharegpt(row["conversations"])
-    else:
-        raise RowError("no_messages", "the row has neither a 'messages' nor a 'conversations' list")
-    for m in messages:
-        if m["role"] not in MESSAGE_ROLES:
-            raise RowError(f"unknown_role:{m['role']}")
-        if not isinstance(m["content"], str):
-            raise RowError("non_string_content", f"{type(m['content']).__name__} content in a {m['role']} message")
-    return messages
+    """The validated messages of a row (``messages`` or ShareGPT ``conversations``), through the one
+    validation path of :func:`ctxaware.chat.roles.to_messages`."""
+    if not isinstance(row, dict):
+        raise RowError("malformed_row", f"expected a JSON object, got {type(row).__name__}")
+    try:
+        return to_messages(row)
+    except MessageError as exc:
+        raise _row_error(exc) from None
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}; re-save the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
+    for n, line in enumerate(_decode(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{n}: invalid JSON ({exc.msg}); fix or delete that line") from None
     return rows
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path))
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise InputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if "messages" in data or "conversations" in data or len(lists) != 1:
@@ -90,7 +89,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         else:
             data = lists[0]
     if not isinstance(data, list):
-        raise InputError(f"{path}: expected a list of rows")
+        raise InputError(f"{path}: expected a list of rows, got {type(data).__name__}")
     return data
 
 
@@ -105,16 +104,25 @@ def read_rows(source: str | Path, *, split: str = "train") -> list[dict[str, Any
             rows = _read_json(path)
         elif suffix == ".parquet":
             pq = require("pyarrow.parquet", "train")
-            rows = pq.read_table(path).to_pylist()
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except Exception as exc:  # pyarrow.ArrowInvalid and friends: not a readable parquet file
+                raise InputError(f"{path}: not a readable parquet file ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); re-export it") from None
         else:
             raise InputError(f"{path}: unknown format {suffix!r}; use .jsonl, .json or .parquet")
     elif path.is_dir():
         import datasets
 
         try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            ds = datasets.load_dataset(str(path), split=split)
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError:
+                ds = datasets.load_dataset(str(path), split=split)
+        except Exception as exc:  # datasets raises many types for an unusable directory
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"{path}: not a dataset directory datasets can load ({first}); pass a .jsonl, "
+                             ".json or .parquet file, or a directory saved with Dataset.save_to_disk") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise InputError(f"{path}: no split {split!r} (available: {', '.join(ds)})")
@@ -127,8 +135,11 @@ def read_rows(source: str | Path, *, split: str = "train") -> list[dict[str, Any
 
         try:
             rows = datasets.load_dataset(str(source), split=split).to_list()
-        except (FileNotFoundError, ValueError, ConnectionError) as exc:
-            raise InputFileNotFoundError(f"could not load dataset {source!r}: {str(exc).splitlines()[0]}") from exc
+        except Exception as exc:  # offline hub, unknown name, gated repo ...: datasets raises many types
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputFileNotFoundError(f"could not load dataset {source!r} ({first}); check the name, or "
+                                         "pass a local .jsonl/.json/.parquet file (offline: HF_DATASETS_OFFLINE=1 "
+                                         "needs a cached copy)") from None
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise InputError(f"{source}: row {bad} is not a JSON object")
@@ -155,11 +166,9 @@ def load_conversations(path_or_name: str | Path, *, split: str = "train") -> lis
 
 def write_rows(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write rows as JSONL (``.jsonl``), a JSON list (``.json``) or parquet (``.parquet``), atomically."""
-    import os
-
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix not in (".parquet", ".json", ".jsonl", ".ndjson"):
+        raise InputError(f"{out}: unknown output format {out.suffix!r}; use .jsonl, .json or .parquet")
     if out.suffix == ".parquet":
         pa = require("pyarrow", "train")
         pq = require("pyarrow.parquet", "train")
@@ -170,14 +179,13 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InputError(f"cannot write {out} as parquet (mixed column types?): {exc}; "
                              "write .jsonl instead") from exc
-        pq.write_table(table, tmp)
+        with atomic_write(out, "wb") as fh:
+            pq.write_table(table, fh)
     elif out.suffix == ".json":
-        tmp.write_text(json.dumps(list(rows), ensure_ascii=False), encoding="utf-8")
-    elif out.suffix in (".jsonl", ".ndjson"):
-        with tmp.open("w", encoding="utf-8") as fh:
+        with atomic_write(out) as fh:
+            fh.write(json.dumps(list(rows), ensure_ascii=False))
+    else:
+        with atomic_write(out) as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    else:
-        raise InputError(f"{out}: unknown output format {out.suffix!r}; use .jsonl or .parquet")
-    os.replace(tmp, out)
     return out

@@ -1,11 +1,11 @@
 """Scoring a whole dataset: resumable, shardable, with a progress bar and a summary of bad rows.
 
-While running, each finished batch is appended (flushed) to ``OUT.partial.jsonl`` as one line
+While running, each finished batch is appended (and fsync'd) to ``OUT.partial.jsonl`` as one line
 per row: ``{"_row": <input index>, "ctx_scores": ..., "ctx_score_reasons": ..., "ctx_score_error": ...}``
 after a first metadata line (model, layer, options, shard). A rerun with the same output reads
 the partial file and skips the rows already there, so ``kill -9`` loses at most the batch in
-flight. When every row is done the output (``.jsonl``, ``.json`` or ``.parquet``) is written in
-input order — each input row plus the three ``ctx_*`` columns — and the partial file removed.
+flight (a torn last line is cut off). When every row is done the output (``.jsonl``, ``.json``
+or ``.parquet``) is written atomically (temp file + fsync + rename) in input order — each input row plus the three ``ctx_*`` columns — and the partial file removed.
 
 Sharding: shard ``i/n`` takes the rows whose index ``% n == i`` and writes
 ``OUT.shard-i-of-n.<ext>`` (rows keep their ``_row`` index); :func:`merge_shards` joins the
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, InputFileNotFoundError
+from ..fsio import JsonlAppender, read_jsonl
 from .io import read_rows, write_rows
 from .config import ScoringConfig
 from .probe import Scorer
@@ -76,19 +77,14 @@ def _partial_path(out: Path) -> Path:
 
 
 def _read_partial(path: Path) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
-    """Metadata and done rows of a partial file; a torn last line (kill -9) is cut off."""
+    """Metadata and done rows of a partial file; a torn last line (kill -9) is cut off the file."""
     if not path.is_file():
         return None, {}
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(cut)
     meta, done = None, {}
-    for line in data[:cut].decode("utf-8").splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for n, rec in enumerate(read_jsonl(path, repair=True, what="partial scoring file")):
+        if not isinstance(rec, dict) or ("_meta" not in rec and not isinstance(rec.get("_row"), int)):
+            raise InputError(f"{path}: record {n + 1} is not a scoring record; delete the file and rerun "
+                             "(or pass --overwrite)")
         if "_meta" in rec:
             meta = rec["_meta"]
         else:
@@ -177,24 +173,22 @@ def score_dataset(model, tokenizer, source: str | Path, out: str | Path, config:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(mine), initial=summary.skipped, disable=not progress, desc="scoring", unit="row")
-    with partial.open("a", encoding="utf-8") as fh:
+    with JsonlAppender(partial) as fh:
         if old_meta is None:
-            fh.write(json.dumps({"_meta": meta}) + "\n")
-            fh.flush()
+            fh.write({"_meta": meta})
         for batch in _plan_batches(rows, mine, config.batch_size):
             if all(i in done for i in batch):
                 continue
-            written = 0
+            records = []
             for i, row_score in zip(batch, scorer.score_many([rows[i] for i in batch])):
                 if i in done:
                     continue
-                written += 1
                 rec = {"_row": i, **row_score.to_columns()}
                 done[i] = rec
                 _tally(summary, rec)
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            fh.flush()
-            bar.update(written)
+                records.append(rec)
+            fh.write_many(records)  # one fsync per batch: a finished batch survives kill -9
+            bar.update(len(records))
     bar.close()
     final = []
     for i in mine:

@@ -1,0 +1,214 @@
+"""Crash-safe file output: atomic writes, fsync'd JSONL appends and tolerant JSONL reading.
+
+Every result file ctxaware writes goes through this module, so a ``kill -9`` (or a power cut on a
+rented GPU) leaves either the old file or the new one, never a file that looks complete but is not:
+
+- :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_write` write a temporary
+  file next to the target, ``fsync`` it, ``os.replace`` it over the target and ``fsync`` the
+  directory (POSIX), so the rename itself is durable.
+- :class:`JsonlAppender` appends one JSON record per line and ``fsync`` s after each record (or
+  batch of records): a finished record is on disk before the next starts.
+- :func:`read_jsonl` reads such a file back. A torn **last** line (the record in flight when the
+  process died) is dropped and, with ``repair=True``, cut off the file so appends continue on a clean
+  line. A malformed line anywhere *else* is real corruption and raises
+  :class:`~ctxaware.errors.InputError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # pragma: no cover - Windows has no directory fsync
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - unusual filesystems
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8",
+                 newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on a clean exit fsync it and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    ``mode`` is ``"w"`` (text) or ``"wb"`` (bytes).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        kwargs = {} if "b" in mode else {"encoding": encoding, "newline": newline}
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
+    with atomic_write(path, "w", encoding=encoding) as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """``json.dumps(data)`` written atomically, with a trailing newline."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=default) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[Any], *,
+                       default: Callable[[Any], Any] | None = None) -> Path:
+    """One JSON record per line, written atomically."""
+    with atomic_write(path, "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False, default=default) + "\n")
+    return Path(path)
+
+
+class JsonlAppender:
+    """Append JSON records to a file, one per line, ``fsync`` ed so a finished record survives a crash.
+
+    Use as a context manager. :meth:`write` appends and syncs one record; :meth:`write_many` appends
+    several and syncs once (one batch = one durability point). Before the first append a torn last
+    line left by an earlier crash is cut off (:func:`repair_jsonl`).
+    """
+
+    def __init__(self, path: str | Path, *, sync: bool = True) -> None:
+        self.path = Path(path)
+        self.sync = sync
+        self._fh: IO[str] | None = None
+
+    def __enter__(self) -> JsonlAppender:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_jsonl(self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def _commit(self) -> None:
+        assert self._fh is not None
+        self._fh.flush()
+        if self.sync:
+            os.fsync(self._fh.fileno())
+
+    def write(self, record: Any) -> None:
+        self.write_many([record])
+
+    def write_many(self, records: Iterable[Any]) -> None:
+        if self._fh is None:
+            raise RuntimeError("JsonlAppender used outside its 'with' block")
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if lines:
+            self._fh.write(lines)
+            self._commit()
+
+
+def append_jsonl(path: str | Path, record: Any) -> None:
+    """Append one record to ``path`` and fsync (opens and closes the file; use :class:`JsonlAppender` in loops)."""
+    with JsonlAppender(path) as app:
+        app.write(record)
+
+
+def repair_jsonl(path: str | Path) -> int:
+    """Cut a torn last line (no trailing newline, or not valid JSON) off ``path``; return bytes removed."""
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    data = p.read_bytes()
+    if not data:
+        return 0
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:  # complete line, but it may still be a torn write padded by the filesystem (NULs) or cut JSON
+        start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        if not _parses(data[start:]):
+            keep = start
+    if keep < len(data):
+        logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", p, len(data) - keep)
+        with open(p, "r+b") as fh:
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return len(data) - keep
+
+
+def _parses(line: bytes) -> bool:
+    text = line.strip()
+    if not text:
+        return True
+    try:
+        json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def read_jsonl(path: str | Path, *, repair: bool = False, what: str = "results file") -> list[Any]:
+    """Records of a JSONL file written by :class:`JsonlAppender`, tolerating a torn last line.
+
+    The last line may be incomplete (no newline) or unparsable: it is dropped with a warning (and cut
+    off the file when ``repair``). Any other bad line raises :class:`InputError` naming ``path`` and
+    the line number; the fix is to remove that line or the file.
+    """
+    p = Path(path)
+    if repair:
+        repair_jsonl(p)
+    data = p.read_bytes()
+    lines = data.split(b"\n")
+    records: list[Any] = []
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    for n, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if n == last:
+                logger.warning("%s: ignoring a torn last line left by an interrupted run", p)
+                continue
+            raise InputError(f"{p}:{n + 1}: corrupt line in the {what} ({type(exc).__name__}); delete that line "
+                             "(or the file) and rerun") from None
+    return records
