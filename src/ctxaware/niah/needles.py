@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import read_config_file
 from ..errors import ConfigError, InputFileNotFoundError
 from ..scoring.indicator import INDICATOR
-from .scoring import normalize_words
+from .scoring import normalize_keyword, normalize_words
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,11 @@ def validate_needle(n: Needle) -> None:
         raise ConfigError(f"needle {n.name!r}: 'keywords' must list at least one word")
     words = set(normalize_words(n.needle))
     for k in n.keywords:
-        norm = normalize_words(k) if isinstance(k, str) else []
-        if len(norm) != 1:
+        norm = normalize_keyword(k)
+        if norm is None:
             raise ConfigError(f"needle {n.name!r}: keyword {k!r} must be a single word (scoring matches whole "
                               "words after lower-casing and turning punctuation into spaces)")
-        if norm[0] not in words:
+        if norm not in words:
             raise ConfigError(f"needle {n.name!r}: keyword {k!r} does not occur as a whole word in the needle "
                               f"{n.needle!r}")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ConfigError, InputError, InputFileNotFoundError
+from ..fsio import atomic_write_json, atomic_write_text, repair_jsonl
 from .scoring import format_table, summarize
 
 RESULTS = "results.jsonl"
@@ -49,9 +50,7 @@ def versions() -> dict[str, str]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)  # temp file + fsync + rename
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -119,13 +118,7 @@ class ResultStore:
 
     def _repair(self) -> None:
         """Cut a torn last line (from a kill mid-write) so appends start on a fresh line."""
-        if not self.path.is_file():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
+        repair_jsonl(self.path)  # no newline, or a complete line that is not JSON (NUL padding)
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         """Append finished cells and make them durable before returning."""
@@ -152,5 +145,5 @@ def write_summary(out: str | Path, records: list[dict[str, Any]], modes: list[st
           f"haystack {records[0].get('haystack', '?')}", "",
           f"Lengths (tokens): {', '.join(map(str, lengths))}; depths (%): {', '.join(f'{d:g}' for d in depths)}.",
           "", format_table(summary, markdown=True), ""]
-    (out / SUMMARY_MD).write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(out / SUMMARY_MD, "\n".join(md))
     return summary

@@ -19,12 +19,24 @@ def normalize_words(text: str) -> list[str]:
     return _PUNCT.sub(" ", text.lower()).split()
 
 
+def normalize_keyword(keyword: str) -> str | None:
+    """A keyword as scoring compares it: :func:`normalize_words` of it, which must be one word
+    (``'Mat.'`` → ``'mat'``); ``None`` when it is empty or more than one word. Needle validation and
+    :func:`recall` both use this, so a keyword that passes validation can always score."""
+    words = normalize_words(keyword) if isinstance(keyword, str) else []
+    return words[0] if len(words) == 1 else None
+
+
 def recall(answer: str, keywords: Sequence[str]) -> float:
-    """Fraction of ``keywords`` that occur as whole words in ``answer`` (0.0 when no keywords)."""
+    """Fraction of ``keywords`` that occur as whole words in ``answer`` (0.0 when no keywords).
+
+    Answer and keywords go through the same normaliser (:func:`normalize_words`,
+    :func:`normalize_keyword`); a keyword that is not one word after it never matches.
+    """
     if not keywords:
         return 0.0
     words = set(normalize_words(answer))
-    return sum(1 for k in keywords if k.lower() in words) / len(keywords)
+    return sum(1 for k in keywords if normalize_keyword(k) in words) / len(keywords)
 
 
 def summarize(records: Iterable[dict[str, Any]], modes: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
