@@ -80,7 +80,9 @@ class ConfigMixin:
     def save(self, path: str | Path) -> None:
         p = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if p.suffix == ".json" else self.to_yaml()
-        p.write_text(text, encoding="utf-8")
+        from .fsio import atomic_write_text
+
+        atomic_write_text(p, text)  # temp file + fsync + rename: never a half-written config
 
     def replace(self: T, **changes: Any) -> T:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]

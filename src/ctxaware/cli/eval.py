@@ -9,7 +9,6 @@ to ``--out``. ``--alpha`` < 1 steers attention toward the user's turn.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -62,19 +61,21 @@ def write_outputs(results: dict, out: Path, log_samples: bool) -> list[Path]:
     """``results.json`` (+ ``samples_<task>.jsonl``) under ``out``; returns the written paths."""
     from lm_eval.utils import handle_non_serializable
 
+    from ..fsio import atomic_write_json, atomic_write_jsonl
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
     samples = results.pop("samples", None) if isinstance(results, dict) else None
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    written.append(path)
+    # Atomic writes (temp + fsync + rename); samples first, results.json last, so a results.json on
+    # disk means every file of the run is complete.
     if log_samples and samples:
         for task, rows in samples.items():
             spath = out / f"samples_{task}.jsonl"
-            with open(spath, "w", encoding="utf-8") as fh:
-                for row in rows:
-                    fh.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
+            atomic_write_jsonl(spath, rows, default=handle_non_serializable)
             written.append(spath)
+    path = out / "results.json"
+    atomic_write_json(path, results, default=handle_non_serializable)
+    written.insert(0, path)
     return written
 
 
