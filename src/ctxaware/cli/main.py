@@ -14,7 +14,8 @@ import sys
 
 from .. import __version__
 
-SUBCOMMANDS = ("chat", "spans", "niah", "attention", "score", "indicate", "train", "eval", "calibrate")
+SUBCOMMANDS = ("chat", "spans", "niah", "attention", "score", "indicate", "train", "eval", "calibrate", "study",
+               "report")
 
 
 def _load(name: str):

@@ -89,6 +89,18 @@ def plot_results(out: str | Path, records: Sequence[dict[str, Any]] | None = Non
         fig.colorbar(im, ax=ax, label="recall")
         fig.suptitle(title, fontsize=9)
         paths.append(_save(fig, out / f"heatmap_{_slug(mode)}.png"))
+    paths.append(_save(comparison_figure(records, modes, title, annotate=annotate), out / "heatmap_comparison.png"))
+    return paths
+
+
+def comparison_figure(records: Sequence[dict[str, Any]], modes: Sequence[str], title: str = "", *,
+                      annotate: bool = True) -> Any:
+    """One matplotlib Figure with the heatmap of every mode side by side (shared colour bar)."""
+    require("matplotlib", "plot")
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.figure import Figure
+
+    cmap = LinearSegmentedColormap.from_list("niah", list(COLORS))
     n = len(modes)
     lengths, depths, _ = _grid(records, modes[0])
     width = max(4.5, 0.5 * len(lengths) + 2.0)
@@ -100,6 +112,6 @@ def plot_results(out: str | Path, records: Sequence[dict[str, Any]] | None = Non
     for ax in axes[1:]:
         ax.set_ylabel("")
     fig.colorbar(im, ax=list(axes), label="recall", fraction=0.03)
-    fig.suptitle(title, fontsize=10)
-    paths.append(_save(fig, out / "heatmap_comparison.png"))
-    return paths
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -1,0 +1,93 @@
+"""The report's figures as inline PNGs (matplotlib, Agg canvas; imported only here and in niah.plot).
+
+Each function returns a ``data:image/png;base64,...`` URI, so the page needs no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any, Sequence
+
+from ..errors import require
+
+ROLE_COLORS = {"user": "#1f77b4", "template": "#ff7f0e", "assistant": "#2ca02c", "bos": "#7f7f7f",
+               "system": "#9467bd"}
+
+
+def to_uri(fig: Any) -> str:
+    """Render a matplotlib Figure to a base64 PNG data URI."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def heatmaps(records: Sequence[dict[str, Any]], modes: Sequence[str], title: str) -> str:
+    """Depth × length heatmaps of every mode, side by side."""
+    from ..niah.plot import comparison_figure
+
+    return to_uri(comparison_figure(records, modes, title))
+
+
+def recall_vs_length(series: dict[str, Sequence[dict[str, Any]]], modes: Sequence[str]) -> str:
+    """Mean recall per context length, one line per mode; one panel per model in ``series``."""
+    require("matplotlib", "report")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(series), 3.6))
+    axes = fig.subplots(1, len(series), squeeze=False, sharey=True)[0]
+    for ax, (model, records) in zip(axes, series.items()):
+        for mode in modes:
+            rows = [r for r in records if r["mode"] == mode]
+            if not rows:
+                continue
+            lengths = sorted({r["length"] for r in rows})
+            means = [sum(r["recall"] for r in rows if r["length"] == L) / sum(1 for r in rows if r["length"] == L)
+                     for L in lengths]
+            ax.plot(lengths, means, marker="o", label=mode)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(model, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean recall over depths")
+    axes[-1].legend(fontsize=8, loc="lower left")
+    return to_uri(fig)
+
+
+def attention_roles(att: dict[str, Any], title: str) -> str:
+    """Per-layer share of each role (stacked), one panel per condition, and the retrieval head's bars."""
+    require("matplotlib", "report")
+    from matplotlib.figure import Figure
+
+    conds = att["conditions"]
+    fig = Figure(figsize=(4.6 * len(conds) + 3.6, 3.6))
+    axes = fig.subplots(1, len(conds) + 1, squeeze=False)[0]
+    for ax, (cond, data) in zip(axes, conds.items()):
+        shares = data["shares"]
+        roles = [r for r in shares if any(v > 0 for v in shares[r])]
+        layers = list(range(len(next(iter(shares.values())))))
+        ax.stackplot(layers, [shares[r] for r in roles], labels=roles,
+                     colors=[ROLE_COLORS.get(r, "#cccccc") for r in roles], alpha=0.85)
+        ax.set_xlim(0, max(1, len(layers) - 1))
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("share of attention")
+        ax.set_title(f"{cond.replace('_', ' ')} (mean over heads)", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper right")
+    ax = axes[-1]
+    rh = att.get("retrieval_head") or {}
+    names = list(conds)
+    roles = list(next(iter(conds.values())).get("retrieval_head_shares", {}))
+    width = 0.8 / max(1, len(names))
+    for i, cond in enumerate(names):
+        vals = [conds[cond].get("retrieval_head_shares", {}).get(r, 0.0) for r in roles]
+        ax.bar([j + i * width for j in range(len(roles))], vals, width, label=cond.replace("_", " "))
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(roles))], roles, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"retrieval head L{rh.get('layer', '?')} H{rh.get('head', '?')}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return to_uri(fig)

@@ -1,0 +1,141 @@
+"""The report page: one self-contained HTML file (inline CSS and PNGs, no script, no external link).
+
+Sections: verdict (one sentence per finding, per model), a table of NIH cells found per mode and
+model, heatmaps per mode side by side, recall vs length, attention by role, QA with standard
+errors, calibration, and provenance (model, versions, configuration, reproducing commands).
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any, Sequence
+
+from . import charts
+from .load import ModelResults
+from .verdict import Finding, attention_findings, lost, niah_findings, qa_findings, cells_by_mode
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:.4em 0}
+.verdict li{margin:.35em 0}.muted{color:#666;font-size:.9em}code,pre{background:#f6f6f6;padding:.1em .3em}
+pre{padding:.6em;overflow-x:auto;white-space:pre-wrap}
+"""
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    def cell(v: Any) -> str:
+        num = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return f"<td class=\"num\">{escape(str(v))}</td>" if num else f"<td>{escape(str(v))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
+    return (f"<table class=\"{cls}\"><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head)
+            + f"</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _img(uri: str, alt: str) -> str:
+    return f"<img src=\"{uri}\" alt=\"{escape(alt)}\">"
+
+
+def findings(m: ModelResults) -> list[Finding]:
+    """Every verdict sentence of one model."""
+    out = niah_findings(m.niah) if m.niah else []
+    if m.attention:
+        out += attention_findings(m.attention)
+    if m.qa:
+        out += qa_findings(m.qa)
+    return out
+
+
+def niah_table(models: Sequence[ModelResults]) -> str:
+    """Cells found / cells and mean recall, per mode (rows) and model (columns)."""
+    modes = list(dict.fromkeys(mode for m in models for mode in m.modes))
+    rows = []
+    for mode in modes:
+        row: list[Any] = [mode]
+        for m in models:
+            cells = cells_by_mode(m.niah).get(mode)
+            if not cells:
+                row += ["–", "–"]
+                continue
+            row += [f"{len(cells) - len(lost(cells))}/{len(cells)}", f"{sum(cells.values()) / len(cells):.3f}"]
+        rows.append(row)
+    head = ["mode"] + [h for m in models for h in (f"{m.model}: needle found", "mean recall")]
+    return _table(head, rows, "niah")
+
+
+def qa_table(models: Sequence[ModelResults]) -> str:
+    rows = []
+    for m in models:
+        for variant, tables in m.qa.items():
+            for task, r in tables.items():
+                se = f"{r['stderr']:.3f}" if r.get("stderr") is not None else "–"
+                rows.append([m.model, variant, task, r["metric"], f"{r['value']:.3f}", se, r.get("n") or "–"])
+    return _table(["model", "variant", "task", "metric", "value", "standard error", "n"], rows, "qa")
+
+
+def _provenance(m: ModelResults) -> str:
+    parts = [f"<h3>{escape(m.model)}</h3>"]
+    if m.versions:
+        parts.append(_table(["package", "version"], sorted(m.versions.items())))
+    if m.commands:
+        parts.append("<p>Commands that reproduce each part:</p>" + _table(
+            ["part", "command"], [(k, v) for k, v in m.commands.items()]))
+    config = (m.study or {}).get("config") or m.niah_config
+    if config:
+        parts.append("<p>Configuration:</p><pre>" + escape(json.dumps(config, indent=1, default=str)) + "</pre>")
+    if (m.study or {}).get("seconds"):
+        parts.append("<p>Seconds per part: " + escape(", ".join(f"{k} {v:g}" for k, v in m.study["seconds"].items()))
+                     + "</p>")
+    parts.append("<p class=\"muted\">Sources: " + escape(", ".join(m.sources)) + "</p>")
+    return "".join(parts)
+
+
+def render_page(models: Sequence[ModelResults], generated: str) -> str:
+    """The whole HTML page of ``models``."""
+    names = ", ".join(m.model for m in models)
+    body = [f"<h1>Context awareness report: {escape(names)}</h1>",
+            f"<p class=\"muted\">Generated {escape(generated)} by ctxaware. A cell <em>finds</em> the needle when "
+            "its answer recalls every keyword (recall 1).</p>", "<h2>Verdict</h2>"]
+    for m in models:
+        items = "".join(f"<li data-kind=\"{f.kind}\">{escape(f.text)}</li>" for f in findings(m))
+        body.append(f"<h3>{escape(m.model)}</h3><ul class=\"verdict\">{items or '<li>no results</li>'}</ul>")
+    with_niah = [m for m in models if m.niah]
+    if with_niah:
+        body += ["<h2>Needle in a haystack</h2>", niah_table(with_niah), "<h3>Heatmaps per mode</h3>"]
+        for m in with_niah:
+            title = f"{m.model} · needle {m.niah[0].get('needle', '')} · haystack {m.niah[0].get('haystack', '')}"
+            body.append(_img(charts.heatmaps(m.niah, m.modes, title), f"NIH heatmaps of {m.model}"))
+        modes = list(dict.fromkeys(mode for m in with_niah for mode in m.modes))
+        body += ["<h3>Recall vs context length</h3>",
+                 _img(charts.recall_vs_length({m.model: m.niah for m in with_niah}, modes), "recall vs length")]
+    with_att = [m for m in models if m.attention]
+    if with_att:
+        body.append("<h2>Attention by role</h2><p>Share of the answer-predicting query's attention (the last "
+                    "token of the response prefix) on each role, per layer, with and without the chat template, "
+                    "and on the retrieval head (the head with the most attention on the needle).</p>")
+        for m in with_att:
+            a = m.attention
+            rows = [[cond] + [f"{100 * v:.1f} %" for v in (d.get("mean_shares") or {}).values()]
+                    for cond, d in a["conditions"].items()]
+            chans = list((next(iter(a["conditions"].values())).get("mean_shares") or {}))
+            body += [f"<h3>{escape(m.model)}</h3>", _table(["condition"] + chans, rows, "attention"),
+                     _img(charts.attention_roles(a, m.model), f"attention by role of {m.model}")]
+    if any(m.qa for m in models):
+        body += ["<h2>Contextual QA</h2>", qa_table(models)]
+    cal = [m for m in models if m.calibration]
+    for m in cal:
+        c = m.calibration
+        body += [f"<h2>Calibration: {escape(m.model)}</h2>",
+                 _table(["field", "value"], [(k, v) for k, v in c["steering"].items()])]
+        if c["rows"]:
+            cols = list(c["rows"][0])[:8]
+            body.append(_table(cols, [[r.get(k, "") for k in cols] for r in c["rows"][:20]]))
+    body.append("<h2>Provenance</h2>" + "".join(_provenance(m) for m in models))
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>ctxaware report: {escape(names)}</title><style>{CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")

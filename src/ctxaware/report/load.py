@@ -1,0 +1,154 @@
+"""Reading result directories for the report: study, NIH, attention, eval (lm-eval) and calibration.
+
+``load_results(dirs)`` looks at each directory and its immediate sub-directories and returns one
+:class:`ModelResults` per model, in the order first seen, gathering every kind of result found:
+
+- study: ``study.json`` (+ ``niah/``, ``attention/attention.json``, ``qa/*/results.json``);
+- NIH: ``results.jsonl`` + ``manifest.json`` (``ctxaware niah``);
+- attention: ``attention.json`` (a study's) or a JSON file of ``ctxaware attention --json``;
+- eval: ``results.json`` of ``ctxaware eval`` (lm-eval's layout);
+- calibration: ``steering.yaml`` (+ ``search.json``) of ``ctxaware calibrate``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import InputError, InputFileNotFoundError
+
+
+@dataclass
+class ModelResults:
+    """Everything the report knows about one model."""
+
+    model: str
+    niah: list[dict[str, Any]] = field(default_factory=list)  # NIH records
+    niah_dirs: list[Path] = field(default_factory=list)
+    niah_config: dict[str, Any] = field(default_factory=dict)
+    attention: dict[str, Any] | None = None
+    qa: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> {task: row}
+    calibration: dict[str, Any] | None = None
+    study: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, str] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def modes(self) -> list[str]:
+        return list(dict.fromkeys(r["mode"] for r in self.niah))
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable JSON ({exc}); rerun the command that writes it") from None
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.models: dict[str, ModelResults] = {}
+
+    def get(self, model: str) -> ModelResults:
+        return self.models.setdefault(model, ModelResults(model=model))
+
+    def niah(self, d: Path) -> str:
+        from ..niah.results import read_records
+
+        records = read_records(d)
+        if not records:
+            raise InputError(f"{d}: results.jsonl has no finished NIH cells")
+        manifest = _json(d / "manifest.json") if (d / "manifest.json").is_file() else {}
+        model = records[0].get("model", "?")
+        m = self.get(model)
+        seen = {r["key"] for r in m.niah}
+        m.niah += [r for r in records if r.get("key") not in seen]
+        m.niah_dirs.append(d)
+        m.niah_config = manifest.get("config") or manifest.get("study") or m.niah_config
+        m.versions = manifest.get("versions") or m.versions
+        m.sources.append(str(d))
+        return model
+
+    def attention(self, path: Path, model: str | None = None) -> None:
+        data = _json(path)
+        if "conditions" not in data:
+            raise InputError(f"{path}: not an attention result (no 'conditions')")
+        m = self.get(data.get("model") or model or "?")
+        m.attention = data
+        m.sources.append(str(path))
+
+    def qa(self, path: Path, model: str | None = None) -> None:
+        from ..study.qa import qa_tables
+
+        data = _json(path)
+        tables = data.get("tables") or qa_tables(data)
+        if not tables:
+            raise InputError(f"{path}: no QA metrics in it")
+        variant = data.get("variant") or path.parent.name
+        name = model or (data.get("settings") or {}).get("model") or \
+            str((data.get("config") or {}).get("model_args") or "?")
+        self.get(name).qa[variant] = tables
+        self.get(name).sources.append(str(path))
+
+    def calibration(self, d: Path, model: str | None = None) -> None:
+        from ..steering.file import read_steering_file
+
+        config, meta = read_steering_file(d / "steering.yaml")
+        m = self.get(model or meta.get("model") or "?")
+        search = _json(d / "search.json") if (d / "search.json").is_file() else {}
+        m.calibration = {"steering": config.to_dict(), "meta": meta, "rows": search.get("rows", [])}
+        m.sources.append(str(d))
+
+    def study(self, d: Path) -> None:
+        data = _json(d / "study.json")
+        model = data.get("model") or "?"
+        if (d / "niah" / "results.jsonl").is_file():
+            model = self.niah(d / "niah")
+        m = self.get(model)
+        m.study, m.commands = data, data.get("commands", {})
+        m.versions = data.get("versions") or m.versions
+        if (d / "attention" / "attention.json").is_file():
+            self.attention(d / "attention" / "attention.json", model)
+        for p in sorted((d / "qa").glob("*/results.json")):
+            self.qa(p, model)
+
+    def directory(self, d: Path, top: bool = True) -> bool:
+        if (d / "study.json").is_file():
+            self.study(d)
+            return True
+        found = False
+        if (d / "results.jsonl").is_file():
+            self.niah(d)
+            found = True
+        if (d / "attention.json").is_file():
+            self.attention(d / "attention.json")
+            found = True
+        if (d / "results.json").is_file():
+            self.qa(d / "results.json")
+            found = True
+        if (d / "steering.yaml").is_file():
+            self.calibration(d)
+            found = True
+        if not found and top:
+            for sub in sorted(p for p in d.iterdir() if p.is_dir()):
+                found = self.directory(sub, top=False) or found
+        return found
+
+
+def load_results(dirs: Iterable[str | Path]) -> list[ModelResults]:
+    """One :class:`ModelResults` per model found in ``dirs`` (see the module doc)."""
+    c = _Collector()
+    for d in map(Path, dirs):
+        if d.is_file() and d.suffix == ".json":
+            c.attention(d)
+            continue
+        if not d.is_dir():
+            raise InputFileNotFoundError(f"no result directory {d}; give study, niah, attention, eval or "
+                                         "calibration output directories")
+        if not c.directory(d):
+            raise InputError(f"{d}: no results found (expected study.json, results.jsonl, attention.json, "
+                             "results.json or steering.yaml)")
+    return list(c.models.values())

@@ -1,0 +1,172 @@
+"""The report's verdict: one sentence per finding, with the numbers, computed from the results.
+
+A cell *finds* the needle when its recall is 1 (every keyword in the answer) and *loses* it
+otherwise. Comparisons are made on the (length, depth) cells both modes have. Every sentence is a
+:class:`Finding` carrying the numbers it states, so tests can check them against counts computed
+independently from the result files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..niah.config import parse_mode
+
+Cell = tuple[int, float]
+
+
+@dataclass
+class Finding:
+    """One verdict sentence and the numbers in it."""
+
+    kind: str
+    text: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def cells_by_mode(records: Sequence[dict[str, Any]]) -> dict[str, dict[Cell, float]]:
+    """``{mode: {(length, depth): recall}}``."""
+    out: dict[str, dict[Cell, float]] = {}
+    for r in records:
+        out.setdefault(r["mode"], {})[(int(r["length"]), float(r["depth"]))] = float(r["recall"])
+    return out
+
+
+def lost(cells: dict[Cell, float], on: set[Cell] | None = None) -> set[Cell]:
+    """Cells (restricted to ``on``) where the needle was not fully recalled."""
+    return {c for c, v in cells.items() if v < 1.0 and (on is None or c in on)}
+
+
+def where(cells: set[Cell], among: set[Cell] | None = None) -> str:
+    """A short description of where cells are: a list when few, else their length/depth range."""
+    if not cells:
+        return ""
+    if among is not None and cells == among and len(cells) > 1:
+        return "every cell"
+    ordered = sorted(cells)
+    if len(ordered) <= 3:
+        return ", ".join(f"{L // 1000 if L % 1000 == 0 else L / 1000:g}k/{d:g} %" for L, d in ordered)
+    lmin, dmax = min(L for L, _ in ordered), max(d for _, d in ordered)
+    return f"all at ≥ {lmin} tokens and depths ≤ {dmax:g} %"
+
+
+def _counterpart(mode: str, drop: str) -> str | None:
+    base, flags = parse_mode(mode)
+    if drop == "template":
+        return None if base != "chat" else "+".join(["raw"] + [f for f in ("prefix", "ind", "steer") if f in flags])
+    return "+".join([base] + [f for f in ("prefix", "ind", "steer") if f in flags and f != drop])
+
+
+def _lost_phrase(n: int, total: int, cells: set[Cell], among: set[Cell] | None = None) -> str:
+    w = where(cells, among)
+    return f"{n} of {total} cells" + (f" ({w})" if w else "")
+
+
+def niah_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
+    """Template, steering, response-prefix and length findings of one model's NIH records."""
+    by = cells_by_mode(records)
+    out: list[Finding] = []
+    for mode in by:
+        base, flags = parse_mode(mode)
+        if base != "chat" or "steer" in flags:
+            continue
+        raw = _counterpart(mode, "template")
+        if raw in by:
+            common = set(by[mode]) & set(by[raw])
+            a, b = lost(by[mode], common), lost(by[raw], common)
+            diff = len(a) - len(b)
+            effect = (f"the template costs {diff} cell{'s' if diff != 1 else ''}" if diff > 0 else
+                      "the template costs nothing on this grid" if diff == 0 else
+                      f"the template helps by {-diff} cell{'s' if diff != -1 else ''}")
+            out.append(Finding("template", f"With its chat template ({mode}) the model loses the needle in "
+                               f"{_lost_phrase(len(a), len(common), a, common)}; without the template ({raw}) in "
+                               f"{_lost_phrase(len(b), len(common), b, common)}: {effect}.",
+                               {"mode": mode, "other": raw, "cells": len(common), "lost": len(a),
+                                "lost_other": len(b), "lost_cells": sorted(a), "lost_other_cells": sorted(b)}))
+    for mode in by:
+        if "steer" not in parse_mode(mode)[1]:
+            continue
+        plain = _counterpart(mode, "steer")
+        if plain not in by:
+            continue
+        common = set(by[mode]) & set(by[plain])
+        a, b = lost(by[plain], common), lost(by[mode], common)
+        rec, new = a - b, b - a
+        alpha = next((r.get("alpha") for r in records if r["mode"] == mode and "alpha" in r), None)
+        heads = next((r.get("heads") for r in records if r["mode"] == mode and "heads" in r), None)
+        how = f" (α = {alpha:g}, heads {heads})" if alpha is not None else ""
+        out.append(Finding("steering", f"Steering{how} recovers {len(rec)} of the {len(a)} cells {plain} loses"
+                           + (f" ({where(rec)})" if rec and len(rec) <= 3 else "")
+                           + (f" and loses {len(new)} it found ({where(new)})" if new else "")
+                           + f": {mode} loses {len(b)} of {len(common)}.",
+                           {"mode": mode, "other": plain, "cells": len(common), "recovered": len(rec),
+                            "lost_other": len(a), "newly_lost": len(new), "lost": len(b)}))
+    for mode in by:
+        base, flags = parse_mode(mode)
+        if "prefix" in flags or "steer" in flags:
+            continue
+        with_prefix = "+".join([base, "prefix"] + [f for f in ("ind",) if f in flags])
+        if with_prefix not in by:
+            continue
+        common = set(by[mode]) & set(by[with_prefix])
+        a, b = lost(by[mode], common), lost(by[with_prefix], common)
+        mean = sum(by[mode][c] for c in common) / max(1, len(common))
+        out.append(Finding("prefix", f"Without the response prefix ({mode}) the model loses the needle in "
+                           f"{_lost_phrase(len(a), len(common), a, common)} (mean recall {mean:.2f}), "
+                           f"with it ({with_prefix}) in {len(b)}.",
+                           {"mode": mode, "other": with_prefix, "cells": len(common), "lost": len(a),
+                            "lost_other": len(b), "mean_recall": mean}))
+    if len(by) > 1:
+        common = set.intersection(*(set(v) for v in by.values()))
+        everywhere = set.intersection(*(lost(v, common) for v in by.values())) if common else set()
+        if everywhere:
+            out.append(Finding("length", f"Every mode loses the needle in {_lost_phrase(len(everywhere), len(common), everywhere, common)}: "
+                               "a limit of the model at that length, not an effect of the template.",
+                               {"cells": len(common), "lost": len(everywhere), "lost_cells": sorted(everywhere)}))
+    if not out:
+        for mode, cells in by.items():
+            a = lost(cells)
+            out.append(Finding("mode", f"In {mode} the model loses the needle in {_lost_phrase(len(a), len(cells), a)}.",
+                               {"mode": mode, "cells": len(cells), "lost": len(a)}))
+    return out
+
+
+def attention_findings(att: dict[str, Any]) -> list[Finding]:
+    """User share of the answer-predicting query's attention, with vs without the template."""
+    conds = att.get("conditions", {})
+    if "template" not in conds:
+        return []
+    t = conds["template"]
+    mean = t.get("mean_shares") or {k: sum(v) / len(v) for k, v in t["shares"].items() if v}
+    parts = [f"Under the template the answer-predicting query gives the user turn {100 * mean.get('user', 0):.1f} % "
+             f"of its attention (mean over layers; template tokens {100 * mean.get('template', 0):.1f} %"
+             + (f", first token {100 * mean['bos']:.1f} %" if "bos" in mean else "") + ")"]
+    nums = {"user_template": mean.get("user", 0.0)}
+    if "no_template" in conds:
+        n = conds["no_template"].get("mean_shares") or {k: sum(v) / len(v)
+                                                         for k, v in conds["no_template"]["shares"].items() if v}
+        parts.append(f"without it {100 * n.get('user', 0):.1f} %")
+        nums["user_no_template"] = n.get("user", 0.0)
+    rh = att.get("retrieval_head")
+    if rh and "retrieval_head_shares" in t:
+        s = f"on the retrieval head (layer {rh['layer']}, head {rh['head']}) {100 * t['retrieval_head_shares']['user']:.1f} %"
+        nums["user_head_template"] = t["retrieval_head_shares"]["user"]
+        if "no_template" in conds and "retrieval_head_shares" in conds["no_template"]:
+            v = conds["no_template"]["retrieval_head_shares"]["user"]
+            s += f" vs {100 * v:.1f} % without"
+            nums["user_head_no_template"] = v
+        parts.append(s)
+    return [Finding("attention", "; ".join(parts) + ".", nums)]
+
+
+def qa_findings(qa: dict[str, dict[str, Any]]) -> list[Finding]:
+    """One sentence per QA dataset: the metric per variant with its standard error."""
+    by_set: dict[str, list[str]] = {}
+    for variant, tables in qa.items():
+        for task, row in tables.items():
+            name = task.replace("ctxaware_", "").split("_")[0]
+            se = f" ± {row['stderr']:.2f}" if row.get("stderr") is not None else ""
+            by_set.setdefault(name, []).append(f"{variant} {row['value']:.2f}{se}")
+    return [Finding("qa", f"{name.upper()} ({next(iter(next(iter(qa.values())).values()))['metric']}): "
+                    + ", ".join(items) + ".", {"dataset": name}) for name, items in by_set.items()]

@@ -1,0 +1,91 @@
+"""Configuration of one study (``ctxaware study``): :class:`StudyConfig`.
+
+The default grid is chosen for the embedded model on 2 CPU cores (see docs/study.md): lengths
+1000, 3000, 5000 × depths 0, 25, 50, 75, 100 in the four modes of the paper's comparison —
+``raw+prefix`` (no template), ``chat+prefix`` (template), ``chat+prefix+steer`` (template +
+steering), ``chat`` (template, no response prefix). 7k tokens is left out: every mode loses the
+needle there at depths ≤ 50 % (a length limit of a 135M model, not the template's effect) and it
+takes about 45 % of the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigMixin, field
+from ..errors import ConfigError
+from ..niah.config import NiahConfig, canonical_mode
+
+STUDY_MODES = "raw+prefix,chat+prefix,chat+prefix+steer,chat"
+QA_DATASETS = ("squad", "quac", "drop")
+
+
+@dataclass
+class StudyConfig(ConfigMixin):
+    """One diagnosis of a chat model: NIH modes, attention by role, optional contextual QA."""
+
+    model: str = field("embedded", help="model: 'embedded', a Hugging Face id, a local directory or a .gguf file")
+    out: str = field("runs/study", metavar="DIR", help="output directory (rerun with the same one to resume)")
+    needle: str = field("SF", metavar="NEEDLE", help="NIH needle: SF, pizza, ... or a YAML/JSON needle file")
+    haystack: str = field("builtin", metavar="SOURCE", help="NIH haystack: builtin, paul_graham or .txt file/dir")
+    lengths: Any = field("1000,3000,5000", metavar="L1,L2,...", help="NIH context lengths in tokens")
+    depths: Any = field("0,25,50,75,100", metavar="D1,D2,...", help="NIH needle depths in percent")
+    modes: Any = field(STUDY_MODES, metavar="M1,M2,...", help="NIH modes (see ctxaware niah --help)")
+    steering: str | None = field(None, metavar="FILE",
+                                 help="steering file (ctxaware calibrate) for +steer modes and steered QA; "
+                                      "replaces --alpha/--heads")
+    alpha: float = field(0.9, help="steering strength of +steer modes when no --steering file is given, in (0, 1]")
+    heads: str = field("all", metavar="SPEC", help="steered heads when no --steering file is given")
+    max_new_tokens: int = field(40, help="greedy decoding budget per NIH answer")
+    attention_length: int = field(3000, help="context length of the NIH prompts whose attention by role is measured")
+    attention_depths: Any = field("0,50,100", metavar="D1,D2,...",
+                                  help="needle depths of those prompts (one prompt per depth, each with and "
+                                       "without the template)")
+    qa: Any = field(None, metavar="SETS", help="contextual QA datasets to evaluate: squad,quac,drop (default: none)")
+    qa_limit: int = field(50, help="questions per QA dataset and variant")
+    data_dir: str | None = field(None, metavar="DIR", help="local QA data folder (see docs/eval.md)")
+    batch_size: int = field(8, help="NIH cells decoded together")
+    dtype: str = field("float32", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype")
+    device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
+    report: bool = field(True, help="write DIR/report.html at the end")
+    overwrite: bool = field(False, help="discard NIH results in DIR/niah of a different study")
+    progress: bool = field(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        self.qa = _qa_list(self.qa)
+        if self.qa_limit < 1:
+            raise ConfigError(f"qa_limit must be >= 1, got {self.qa_limit}")
+        if self.attention_length < 1:
+            raise ConfigError(f"attention_length must be >= 1, got {self.attention_length}")
+        depths = [d.strip() for d in str(self.attention_depths).split(",") if d.strip()] \
+            if isinstance(self.attention_depths, str) else list(self.attention_depths or [])
+        try:
+            self.attention_depths = [float(d) for d in depths]
+        except ValueError:
+            raise ConfigError(f"attention_depths must be numbers, got {self.attention_depths!r}") from None
+        if not self.attention_depths or any(not 0 <= d <= 100 for d in self.attention_depths):
+            raise ConfigError(f"attention_depths must be percentages in [0, 100], got {self.attention_depths}")
+        self.niah_config()  # validates grid, modes, α, heads now rather than after loading the model
+
+    def niah_config(self) -> NiahConfig:
+        """The NIH part of the study (results in ``DIR/niah``)."""
+        return NiahConfig(model=self.model, haystack=self.haystack, needle=self.needle, lengths=self.lengths,
+                          depths=self.depths, modes=self.modes, steering=self.steering, alpha=self.alpha,
+                          heads=self.heads, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                          dtype=self.dtype, device=self.device, out=f"{self.out}/niah", overwrite=self.overwrite,
+                          progress=self.progress)
+
+    @property
+    def steered(self) -> bool:
+        return any("steer" in canonical_mode(m).split("+") for m in self.niah_config().modes)
+
+
+def _qa_list(value: Any) -> list[str]:
+    if value in (None, "", []):
+        return []
+    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    bad = [v for v in items if v not in QA_DATASETS]
+    if bad:
+        raise ConfigError(f"qa: unknown dataset(s) {', '.join(bad)}; choose from {', '.join(QA_DATASETS)}")
+    return list(dict.fromkeys(items))

@@ -1,0 +1,84 @@
+"""Contextual QA of a study through the lm-eval integration (:mod:`ctxaware.harness`).
+
+Variants, per dataset: ``chat`` (``ctxaware_<set>_no_ind``, the chat template), ``raw``
+(``ctxaware_<set>_no_template``) and, when the study steers, ``chat+steer`` (the chat task
+with the study's steering). Each variant writes ``DIR/qa/<variant>/results.json`` (metric, its
+standard error and the sample count per task, plus lm-eval's own ``results``/``n-samples``
+blocks) atomically; a rerun skips the variants already done with the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from .attention import read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+VARIANT_TASK = {"chat": "ctxaware_{}_no_ind", "raw": "ctxaware_{}_no_template", "chat+steer": "ctxaware_{}_no_ind"}
+
+
+def _slug(variant: str) -> str:
+    return variant.replace("+", "_")
+
+
+def qa_tables(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{task: {"metric", "value", "stderr", "n"}}`` from lm-eval's results dict."""
+    out = {}
+    n_samples = results.get("n-samples", {}) or {}
+    for task, metrics in (results.get("results") or {}).items():
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if name.endswith("_stderr") or name == "alias" or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(key.replace(name, name + "_stderr", 1))
+            n = (n_samples.get(task) or {}).get("effective")
+            out[task] = {"metric": name, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                         "n": int(n) if n is not None else None}
+            break
+    return out
+
+
+def run_qa(model: Any, tokenizer: Any, model_name: str, datasets: Sequence[str], out: Path, *, limit: int,
+           data_dir: str | None, steering: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every variant not yet in ``out``; returns ``{variant: results.json content}``."""
+    from ..errors import require
+
+    lm_eval = require("lm_eval", "study --qa")
+    from ..harness import task_manager
+    from ..harness.data import resolve_data_dir
+    from ..harness.model import CtxawareLM
+
+    if not progress:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    data = resolve_data_dir(data_dir)
+    variants = ["chat", "raw"] + (["chat+steer"] if steering is not None else [])
+    done: dict[str, Any] = {}
+    tm = None
+    for variant in variants:
+        tasks = [VARIANT_TASK[variant].format(d) for d in datasets]
+        alpha = float(steering.alpha) if variant.endswith("steer") else 1.0
+        settings = {"model": model_name, "tasks": tasks, "limit": int(limit), "alpha": alpha,
+                    "heads": (steering.heads if variant.endswith("steer") else "all")}
+        path = out / _slug(variant) / "results.json"
+        old = read_json(path)
+        if old and old.get("settings") == settings:
+            done[variant] = old
+            continue
+        tm = tm or task_manager(data_dir=str(data) if data else None, include_defaults=False)
+        kw = {}
+        if variant.endswith("steer"):
+            kw = dict(alpha=steering.alpha, heads=steering.heads, emphasis=steering.emphasis,
+                      compounding=steering.compounding)
+        lm = CtxawareLM(pretrained=model, tokenizer=tokenizer, **kw)
+        logger.info("QA %s: %s (limit %d)", variant, ", ".join(tasks), limit)
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        record = {"variant": variant, "settings": settings, "tables": qa_tables(res),
+                  "results": res.get("results"), "n-samples": res.get("n-samples")}
+        write_json(path, record)
+        done[variant] = record
+    return done
