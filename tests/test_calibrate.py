@@ -91,6 +91,16 @@ def test_response_loss_equals_masked_label_loss(tiny):
         assert loss == pytest.approx(ref, abs=1e-4)
 
 
+def test_batched_steered_losses_equal_one_at_a_time(tiny):
+    model, tok = tiny
+    _, convs = instruction_set(None, 4)
+    cfg = SteeringConfig(alpha=0.1, heads="0;2:1")
+    together = response_losses(model, tok, convs, cfg)
+    alone = [response_losses(model, tok, [c], cfg, batch_tokens=1)[0] for c in convs]
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert together != pytest.approx(response_losses(model, tok, convs), abs=1e-4)  # steering acted
+
+
 def test_guard_refuses_configurations_that_raise_the_loss(tiny):
     model, tok = tiny
     guard = Guard(model, tok, {"instructions": instruction_set(None, 3), "qa": qa_set(None, 3)}, margin=0.0)

@@ -77,7 +77,7 @@ class CalibrationConfig(ConfigMixin):
     qa: str = field("", metavar="FILE",
                     help="guard QA: a SQuAD file (HF rows as JSONL, or the original JSON); the gold answer "
                          "is the response; empty = a small built-in set")
-    guard_examples: int = field(12, help="examples taken from each guard set (the shortest, in file order)")
+    guard_examples: int = field(12, help="examples taken from each guard set (a seeded sample of those under 1500 characters)")
     max_new_tokens: int = field(40, help="greedy decoding budget per held-in answer")
     reserve: int = field(200, help="tokens of each length kept for template, question and answer (as in niah)")
     batch_size: int = field(4, help="held-in cells decoded together")

@@ -125,27 +125,61 @@ def qa_set(path: str | Path | None, n: int, *, max_chars: int = 1500) -> tuple[s
                     for c, q, a in items[:n]]
 
 
-def response_losses(model: Any, tokenizer: Any, conversations: Sequence[list[dict]], steering: Any = None
-                    ) -> list[float]:
-    """Mean token NLL of each conversation's first assistant response (steered by ``steering`` if given)."""
+def response_losses(model: Any, tokenizer: Any, conversations: Sequence[list[dict]], steering: Any = None, *,
+                    batch_tokens: int = 4096) -> list[float]:
+    """Mean token NLL of each conversation's first assistant response (steered by ``steering`` if given).
+
+    Conversations are right-padded into batches of at most ``batch_tokens`` padded tokens (a causal
+    model never lets a real token see the pads after it, so no padding mask is needed). Under
+    steering, row ``b``'s keys from its response start on are marked emphasised (weight 1), which
+    is exactly how generated keys are treated; only logits of response positions are computed.
+    """
+    rendered = [render(tokenizer, messages) for messages in conversations]
+    return losses_of_rendered(model, rendered, steering, batch_tokens=batch_tokens)
+
+
+def losses_of_rendered(model: Any, rendered: Sequence[Any], steering: Any = None, *, batch_tokens: int = 4096
+                       ) -> list[float]:
+    """:func:`response_losses` for conversations already rendered (``RenderedChat`` with an assistant span)."""
     from ..steering import steer
     from ..steering.context import emphasis_mask
 
     device = next(model.parameters()).device
-    out = []
-    for messages in conversations:
-        rendered = render(tokenizer, messages)
-        span = next((s for s in rendered.spans if s.role == "assistant" and s.end > s.start), None)
+    active = steering is not None and steering.active
+    items = []
+    for i, r in enumerate(rendered):
+        span = next((s for s in r.spans if s.role == "assistant" and s.end > s.start), None)
         if span is None or span.start < 1:
             raise InputError("a guard conversation has no assistant response after its prompt")
-        ids = torch.tensor([rendered.input_ids[:span.end]], dtype=torch.long, device=device)
-        active = steering is not None and steering.active
-        emphasis = emphasis_mask(rendered, steering.emphasis_roles)[:, :span.start] if active else None
+        items.append((i, r, span.start, span.end))
+    items.sort(key=lambda x: x[3])
+    out: dict[int, float] = {}
+    lo = 0
+    while lo < len(items):
+        hi = lo + 1
+        while hi < len(items) and (hi + 1 - lo) * items[hi][3] <= batch_tokens:
+            hi += 1
+        batch = items[lo:hi]
+        lo = hi
+        width = max(x[3] for x in batch)
+        first = min(x[2] for x in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for b, (_, r, _, end) in enumerate(batch):
+            ids[b, :end] = torch.tensor(r.input_ids[:end])
+        emphasis = None
+        if active:
+            p_len = max(x[2] for x in batch)
+            emphasis = torch.ones(len(batch), p_len, dtype=torch.bool)
+            for b, (_, r, start, _) in enumerate(batch):
+                emphasis[b, :start] = emphasis_mask(r, steering.emphasis_roles)[0, :start]
+        keep = width - first + 1
         with torch.inference_mode(), steer(model, steering, emphasis) if active else _null():
-            logits = model(input_ids=ids, use_cache=False).logits[0, span.start - 1:span.end - 1].double()
-        target = ids[0, span.start:span.end]
-        out.append(float(torch.nn.functional.cross_entropy(logits, target, reduction="mean")))
-    return out
+            logits = model(input_ids=ids.to(device), use_cache=False, logits_to_keep=keep).logits
+        base = width - keep  # absolute position of logits[:, 0]
+        for b, (i, _, start, end) in enumerate(batch):
+            row = logits[b, start - 1 - base:end - 1 - base].double()
+            out[i] = float(torch.nn.functional.cross_entropy(row, ids[b, start:end].to(device), reduction="mean"))
+    return [out[i] for i in range(len(rendered))]
 
 
 def _null():
@@ -185,12 +219,13 @@ class Guard:
         self.model, self.tokenizer, self.margin = model, tokenizer, float(margin)
         self.sets = [GuardSet(name, src, convs, response_losses(model, tokenizer, convs))
                      for name, (src, convs) in sets.items()]
+        self._rendered = {gs.name: [render(tokenizer, c) for c in gs.conversations] for gs in self.sets}
 
     def check(self, steering: Any) -> dict[str, Any]:
         """``{"passed": bool, "<set>": {"loss", "baseline", "rise", "se"}}`` for one steering config."""
         report: dict[str, Any] = {"passed": True, "margin": self.margin}
         for gs in self.sets:
-            losses = response_losses(self.model, self.tokenizer, gs.conversations, steering)
+            losses = losses_of_rendered(self.model, self._rendered[gs.name], steering)
             mean, _ = mean_se(losses)
             rise = mean - gs.baseline_mean
             diffs = [a - b for a, b in zip(losses, gs.baseline)]
