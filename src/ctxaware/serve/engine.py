@@ -1,0 +1,361 @@
+"""Continuous batching for the server: one scheduler thread decodes every running request together.
+
+:class:`ServeEngine` owns the model. HTTP handlers :meth:`~ServeEngine.submit` a :class:`Generation`
+(a rendered prompt, its steering, sampling and limits) into a bounded queue; the scheduler thread
+loops: admit waiting requests (each prompt prefilled alone, under its own steering), run one
+decoding step for the running batch, hand every row its new text, and drop rows that ended,
+were cancelled or timed out. So a request joins and leaves the running batch between decoding
+steps. The batch's KV cache is the NIH engine's :class:`~ctxaware.niah.engine.BufferLayer` (a
+preallocated, left-padded buffer with row selection), rebuilt — with the left padding no row needs
+trimmed away — whenever requests join.
+
+Steering per row: every steered row keeps its own emphasis (its user span). Rows steered with
+different (alpha, heads) need ``ctxaware.steering.steer_rows`` to share one forward pass; without
+it the running rows are split into groups of equal steering, decoded one step each in turn, and
+unsteered rows join a steered group with an all-emphasised row (a bias of exactly zero).
+
+Sampling per row: greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling
+from the row's own ``torch.Generator`` (seeded by the request's ``seed``), so a row's tokens do not
+depend on which other requests share its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..niah.engine import BufferLayer
+from ..steering.config import SteeringConfig
+from ..steering.context import emphasis_mask, steer
+from ..steering.model import greedy_generation_config
+from .protocol import APIError
+
+logger = logging.getLogger(__name__)
+
+try:  # engineer A's per-row steering; group rows by steering until it exists
+    from ..steering import steer_rows  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the tree
+    steer_rows = None
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request to decode. ``sink(kind, value)`` receives ``("text", str)`` pieces, then
+    ``("done", finish_reason)`` or ``("error", APIError)``, from the scheduler thread."""
+
+    input_ids: list[int]
+    rendered: Any
+    max_tokens: int
+    sink: Callable[[str, Any], None]
+    steering: SteeringConfig | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    deadline: float = float("inf")
+    # filled by the engine
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    emphasis: list[bool] | None = None
+    generator: torch.Generator | None = None
+    start: int = 0  # buffer index of the row's first real token
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def steering_key(config: SteeringConfig | None, dims: tuple[int, int]) -> Any:
+    if config is None:
+        return None
+    heads = config.resolve_heads(*dims)
+    return (config.alpha, config.compounding, tuple(sorted((k, tuple(v) if v else v) for k, v in heads.items())))
+
+
+class ServeEngine:
+    """The model, its tokenizer and the scheduler thread (started by :meth:`start`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_concurrency: int = 8, max_queue: int = 64) -> None:
+        if max_concurrency < 1 or max_queue < 0:
+            raise ValueError(f"max_concurrency must be >= 1 and max_queue >= 0, got {max_concurrency}, {max_queue}")
+        from ..attention.backend import model_dims
+
+        self.model, self.tokenizer = model, tokenizer
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.dims = model_dims(model)
+        gen = greedy_generation_config(model, tokenizer, 1)
+        eos = gen.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else eos)
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.waiting: queue.Queue[Generation] = queue.Queue()
+        self.groups: dict[Any, list[Generation]] = {}
+        self.buffers: dict[Any, Any] = {}  # group -> (Cache, length)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ctxaware-serve", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the scheduler; requests still queued or running get a 503 error."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._fail_all(APIError("the server is shutting down", status=503, type="server_error", code="shutdown"))
+
+    @property
+    def running(self) -> int:
+        return sum(len(rows) for rows in self.groups.values())
+
+    @property
+    def queued(self) -> int:
+        return self.waiting.qsize()
+
+    def submit(self, gen: Generation) -> None:
+        """Queue ``gen``; raises a 503 :class:`APIError` when the queue is full or the engine stopped."""
+        if self._stop.is_set():
+            raise APIError("the server is shutting down", status=503, type="server_error", code="shutdown")
+        if self.waiting.qsize() >= self.max_queue + max(0, self.max_concurrency - self.running):
+            raise APIError(f"the server is busy ({self.running} running, {self.queued} queued); retry later",
+                           status=503, type="server_error", code="queue_full")
+        if gen.steering is not None:
+            gen.emphasis = emphasis_mask(gen.rendered, gen.steering.emphasis_roles)[0].tolist()
+        gen.generator = torch.Generator(device="cpu")
+        if gen.seed is not None:
+            gen.generator.manual_seed(int(gen.seed))
+        else:
+            gen.generator.seed()
+        self.waiting.put(gen)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ scheduler
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if not self.groups:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for key in list(self.groups):
+                    self._step(key)
+            except Exception as exc:  # never let one bad step kill the server
+                logger.exception("decoding failed")
+                self._fail_all(APIError(f"internal error while decoding: {exc}", status=500, type="server_error",
+                                        code="internal_error"), queued=False)
+
+    def _fail_all(self, error: APIError, queued: bool = True) -> None:
+        for rows in list(self.groups.values()):
+            for g in rows:
+                self._finish(g, error=error)
+        self.groups.clear()
+        self.buffers.clear()
+        while queued:
+            try:
+                self._finish(self.waiting.get_nowait(), error=error)
+            except queue.Empty:
+                break
+
+    def _group_for(self, gen: Generation) -> Any:
+        if steer_rows is not None:
+            return "all"
+        key = steering_key(gen.steering, self.dims)
+        if key is None and self.groups:  # unsteered rows ride along with zero bias
+            return max(self.groups, key=lambda k: len(self.groups[k]))
+        return key
+
+    def _admit(self) -> None:
+        joining: dict[Any, list[tuple[Generation, list]]] = {}
+        while self.running + sum(len(v) for v in joining.values()) < self.max_concurrency:
+            try:
+                gen = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if self._expired(gen):
+                continue
+            try:
+                kv, logits = self._prefill(gen)
+            except Exception as exc:
+                logger.exception("prefill failed")
+                self._finish(gen, error=APIError(f"internal error while reading the prompt: {exc}", status=500,
+                                                 type="server_error", code="internal_error"))
+                continue
+            if self._push(gen, logits):
+                joining.setdefault(self._group_for(gen), []).append((gen, kv))
+        for key, new in joining.items():
+            self._rebuild(key, new)
+
+    def _steering_ctx(self, rows: list[Generation], emphasis: Any) -> Any:
+        if steer_rows is not None:
+            if all(g.steering is None for g in rows):
+                return contextlib.nullcontext()
+            return steer_rows(self.model, [g.steering for g in rows], emphasis)
+        config = next((g.steering for g in rows if g.steering is not None), None)
+        if config is None:
+            return contextlib.nullcontext()
+        return steer(self.model, config, emphasis)
+
+    def _prefill(self, gen: Generation) -> tuple[list, torch.Tensor]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        x = torch.tensor([gen.input_ids], device=self.device)
+        emphasis = torch.tensor([gen.emphasis], dtype=torch.bool) if gen.emphasis is not None else None
+        with torch.inference_mode(), self._steering_ctx([gen], emphasis):
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        return [(layer.keys, layer.values) for layer in cache.layers], out.logits[0, -1]
+
+    def _rebuild(self, key: Any, new: list[tuple[Generation, list]]) -> None:
+        """A fresh left-padded buffer holding the group's running rows and the ``new`` ones."""
+        from transformers.cache_utils import Cache
+
+        old_rows = self.groups.get(key, [])
+        old_cache, length = self.buffers.get(key, (None, 0))
+        trim = min((g.start for g in old_rows), default=0)
+        width = max([length - trim] + [len(g.input_ids) for g, _ in new])
+        rows = old_rows + [g for g, _ in new]
+        capacity = width + max(g.max_tokens - len(g.tokens) for g in rows) + 1
+        k0, v0 = new[0][1][0]
+        layers = []
+        for li in range(len(new[0][1])):
+            layer = BufferLayer(len(rows), k0.shape[1], capacity, k0.shape[3], v0.shape[3], k0.dtype, k0.device)
+            if old_rows:
+                src = old_cache.layers[li]
+                layer.kbuf[:len(old_rows), :, width - (length - trim):width] = src.kbuf[:, :, trim:length]
+                layer.vbuf[:len(old_rows), :, width - (length - trim):width] = src.vbuf[:, :, trim:length]
+            for r, (g, kv) in enumerate(new, start=len(old_rows)):
+                k, v = kv[li]
+                n = len(g.input_ids)
+                layer.kbuf[r, :, width - n:width] = k[0, :, :n]
+                layer.vbuf[r, :, width - n:width] = v[0, :, :n]
+            layer.set_length(width)
+            layers.append(layer)
+        for g in old_rows:
+            g.start += width - length
+        for g, _ in new:
+            g.start = width - len(g.input_ids)
+        self.groups[key] = rows
+        self.buffers[key] = (Cache(layers=layers), width)
+
+    def _step(self, key: Any) -> None:
+        rows = self.groups[key]
+        cache, length = self.buffers[key]
+        n = len(rows)
+        attn = torch.zeros(n, length + 1, dtype=torch.long, device=self.device)
+        emphasis = torch.ones(n, length, dtype=torch.bool)
+        for r, g in enumerate(rows):
+            attn[r, g.start:] = 1
+            if g.emphasis is not None:
+                emphasis[r, g.start:g.start + len(g.emphasis)] = torch.tensor(g.emphasis, dtype=torch.bool)
+        pos = torch.tensor([[length - g.start] for g in rows], device=self.device)
+        step_input = torch.tensor([[g.tokens[-1]] for g in rows], device=self.device)
+        with torch.inference_mode(), self._steering_ctx(rows, emphasis):
+            out = self.model(input_ids=step_input, attention_mask=attn, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **{self.cache_arg: cache})
+        self.steps += 1
+        self.buffers[key] = (cache, length + 1)
+        logits = out.logits[:, -1]
+        keep = [r for r, g in enumerate(rows) if self._push(g, logits[r])]
+        if not keep:
+            del self.groups[key], self.buffers[key]
+        elif len(keep) < n:
+            for layer in cache.layers:
+                layer.select_rows(keep)
+            self.groups[key] = [rows[r] for r in keep]
+
+    # ------------------------------------------------------------------ one row
+    def _expired(self, gen: Generation) -> bool:
+        if gen.cancelled:
+            self._finish(gen)
+            return True
+        if time.monotonic() > gen.deadline:
+            self._finish(gen, error=APIError("the request timed out before it finished", status=504,
+                                             type="server_error", code="timeout"))
+            return True
+        return False
+
+    def _sample(self, gen: Generation, logits: torch.Tensor) -> int:
+        if gen.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.double().cpu() / gen.temperature, dim=-1)
+        if gen.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = (sorted_p.cumsum(0) - sorted_p) < gen.top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen.generator))
+
+    def _push(self, gen: Generation, logits: torch.Tensor) -> bool:
+        """Add the row's next token and send its new text; False when the row is done."""
+        if self._expired(gen):
+            return False
+        token = self._sample(gen, logits)
+        gen.tokens.append(token)
+        if token in self.eos:
+            self._finish(gen, "stop")
+            return False
+        text = self.tokenizer.decode([t for t in gen.tokens if t not in self.eos], skip_special_tokens=True)
+        for s in gen.stop:
+            pos = text.find(s)
+            if pos >= 0:
+                self._emit(gen, text[:pos], final=True)
+                self._finish(gen, "stop")
+                return False
+        if len(gen.tokens) >= gen.max_tokens:
+            self._emit(gen, text, final=True)
+            self._finish(gen, "length")
+            return False
+        self._emit(gen, text)
+        return True
+
+    def _emit(self, gen: Generation, text: str, final: bool = False) -> None:
+        """Send the text not sent yet, holding back what may be the start of a stop string or an
+        incomplete character."""
+        safe = len(text)
+        if not final:
+            if gen.stop:
+                safe -= max(len(s) for s in gen.stop) - 1
+            while safe > gen.emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+        if safe > gen.emitted:
+            piece, gen.emitted = text[gen.emitted:safe], safe
+            self._send(gen, "text", piece)
+
+    @staticmethod
+    def _send(gen: Generation, kind: str, value: Any) -> None:
+        try:
+            gen.sink(kind, value)
+        except Exception:  # a sink whose client went away must not stop the others
+            logger.debug("dropping output of a request whose client is gone", exc_info=True)
+            gen.cancelled = True
+
+    def _finish(self, gen: Generation, reason: str | None = None, error: APIError | None = None) -> None:
+        if gen.finished:
+            return
+        gen.finished = True
+        if error is not None:
+            self._send(gen, "error", error)
+        else:
+            self._send(gen, "done", "cancelled" if gen.cancelled else (reason or "stop"))
