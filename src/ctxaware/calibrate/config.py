@@ -1,10 +1,9 @@
 """``CalibrationConfig``: what ``ctxaware calibrate`` searches, on which held-in cells, under which guard.
 
-The defaults are sized for the embedded model on 2 CPU cores (about 10 minutes): 4 held-in NIH
-cells (lengths 2500/3500 × depths 10/40 %, needle ``pizza`` on the built-in corpus read from its
-last essay backwards, i.e. text, needle, lengths and depths disjoint from the quick preset's
-``SF`` grid), 3 head sets × 3 α values, and a quality guard of 12 instruction responses and 12
-QA answers. Every field is a CLI option of ``ctxaware calibrate`` (help written once, here).
+The defaults are sized for the embedded model on 2 CPU cores (about 10 minutes): 2 held-in NIH
+cells (length 3000 × depths 10/40 %, needle ``pizza`` on the built-in corpus read from its last
+essay backwards, i.e. text, needle, lengths and depths disjoint from the quick preset's ``SF``
+grid), 3 head sets × 2 α values, and a quality guard of 8 instruction responses and 8 QA answers. Every field is a CLI option of ``ctxaware calibrate`` (help written once, here).
 """
 
 from __future__ import annotations
@@ -64,10 +63,10 @@ class CalibrationConfig(ConfigMixin):
     needle: str = field("pizza", metavar="NEEDLE",
                         help="held-in needle (SF, pizza, ... or a YAML/JSON needle file); keep it different "
                              "from the needle you judge on")
-    lengths: Any = field("2500,3500", metavar="L1,L2,...", help="held-in context lengths in tokens")
+    lengths: Any = field("3000", metavar="L1,L2,...", help="held-in context lengths in tokens")
     depths: Any = field("10,40", metavar="D1,D2,...", help="held-in needle depths in percent")
     head_sets: Any = field("top16,layer1,all", metavar="SETS", help=HEAD_SET_HELP)
-    alphas: Any = field("0.3,0.6,0.9", metavar="A1,A2,...",
+    alphas: Any = field("0.3,0.6", metavar="A1,A2,...",
                         help="alpha values tried with every head set (weight kept on non-user prompt keys)")
     margin: float = field(0.05, help="quality guard: the steered mean token loss (nats) of each guard set may "
                                      "exceed the unsteered one by at most this much")
@@ -77,7 +76,7 @@ class CalibrationConfig(ConfigMixin):
     qa: str = field("", metavar="FILE",
                     help="guard QA: a SQuAD file (HF rows as JSONL, or the original JSON); the gold answer "
                          "is the response; empty = a small built-in set")
-    guard_examples: int = field(12, help="examples taken from each guard set (a seeded sample of those under 1500 characters)")
+    guard_examples: int = field(8, help="examples taken from each guard set (a seeded sample of those under 1500 characters)")
     max_new_tokens: int = field(40, help="greedy decoding budget per held-in answer")
     reserve: int = field(200, help="tokens of each length kept for template, question and answer (as in niah)")
     batch_size: int = field(4, help="held-in cells decoded together")

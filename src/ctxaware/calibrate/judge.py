@@ -8,7 +8,7 @@ conditions on the same model:
 * ``chat+file`` — the steering file's configuration;
 
 on (1) a held-out NIH grid through :func:`ctxaware.niah.run_niah` (resumable results under
-``out/niah-*``; by default the built-in haystack and needle ``SF``, lengths 5000/7000 × depths
+``out/niah-*``; by default the built-in haystack and needle ``SF``, length 5000 × depths
 0/25/50 %, disjoint from the calibration's held-in cells), (2) a seeded SQuAD sample (METHOD §5
 prompt, greedy, the answer cut at the first ". ", metric "contains", mean ± standard error), and
 (3) the quality guard's losses for each steered condition. Writes ``judge.json`` and ``judge.md``.
@@ -37,14 +37,14 @@ class JudgeConfig(ConfigMixin):
     out: str = field("runs/judge", metavar="DIR", help="output directory (NIH results resume from it)")
     haystack: str = field("builtin", metavar="SOURCE", help="held-out NIH haystack")
     needle: str = field("SF", metavar="NEEDLE", help="held-out NIH needle")
-    lengths: str = field("5000,7000", metavar="L1,L2,...", help="held-out NIH lengths")
+    lengths: str = field("5000", metavar="L1,L2,...", help="held-out NIH lengths")
     depths: str = field("0,25,50", metavar="D1,D2,...", help="held-out NIH depths (percent)")
     baseline_alpha: float = field(0.9, help="alpha of the all-heads comparison condition")
     qa: str = field("", metavar="FILE", help="SQuAD file (.jsonl HF rows or original JSON); empty = no QA")
-    qa_examples: int = field(40, help="SQuAD questions (seeded sample of passages under 1500 characters)")
+    qa_examples: int = field(20, help="SQuAD questions (seeded sample of passages under 1500 characters)")
     qa_seed: int = field(1, help="seed of the SQuAD sample (the guard uses seed 0: a different sample)")
     instructions: str = field("", metavar="FILE", help="guard conversations (JSONL); empty = built-in")
-    guard_examples: int = field(12, help="examples per guard set")
+    guard_examples: int = field(8, help="examples per guard set")
     max_new_tokens: int = field(40, help="greedy budget per NIH answer")
     progress: bool = field(True, help="show progress bars")
 
