@@ -326,3 +326,93 @@ def test_embedded_tokenizer_spans(conv):
     for span, m in zip(rendered.spans, messages):
         if m["content"].strip():
             assert tok.decode(rendered.input_ids[span.start:span.end]).strip() == m["content"].strip()
+
+
+def _merging_tokenizer(merges):
+    """Byte-level BPE whose only merges are ``merges`` (pairs of strings) and with no special tokens,
+    so template markers such as ``<|eot_id|>`` are plain text to it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_straddling_token_belongs_to_template_and_is_flagged():
+    tok = _merging_tokenizer([(".", "<")])  # '.<' is one token: the content's '.' + the marker's '<'
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}")
+    msgs = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Sure."}]
+    r = render(tok, msgs, chat_template=template)
+    texts = [r.text[a:b] for a, b in r.offsets]
+    flagged = [texts[t] for t in r.straddling]
+    assert flagged == [".<", ".<"]
+    for t in r.straddling:
+        assert r.roles[t] == "template" and not any(s.start <= t < s.end for s in r.spans)
+    for s, m in zip(r.spans, msgs):
+        assert r.text[s.char_start:s.char_end] == m["content"]  # the content's characters, exactly
+        assert tok.decode(r.input_ids[s.start:s.end]) == m["content"][:-1]  # its whole tokens: no '<'
+        for t in range(s.start, s.end):  # every content token lies inside the content
+            a, b = r.offsets[t]
+            assert s.char_start <= a and b <= s.char_end
+    d = r.to_dict(tok)
+    assert [sp["text"] for sp in d["spans"]] == ["Hi.", "Sure."]
+    assert [(x["text"], x["message"], x["role"]) for x in d["straddling"]] == [(".<", 0, "template"),
+                                                                               (".<", 1, "template")]
+
+
+def test_whitespace_merged_into_content_stays_content():
+    tok = _merging_tokenizer([("Ġ", "H")])  # ' H' one token: the template's space + the content's 'H'
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    r = render(tok, [{"role": "user", "content": "Hi"}], chat_template=template)
+    s = r.spans[0]
+    assert r.straddling == [] and r.text[r.offsets[s.start][0]:r.offsets[s.start][1]] == " H"
+    assert r.roles[s.start] == "user" and tok.decode(r.input_ids[s.start:s.end]).strip() == "Hi"
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_content_tokens_never_hold_template_characters(family):
+    # merges that glue contents to the markers of these families: '.<', '.[', '.\n', 'e<', ' B', 'k<'
+    tok = _merging_tokenizer([(".", "<"), (".", "["), (".", "Ċ"), ("e", "<"), ("Ġ", "B"), ("k", "<"), ("Ċ", "<")])
+    tok.bos_token, tok.eos_token = "<s>", "</s>"
+    conv = CONVERSATIONS["whitespace" if family == "gemma" else "system_multi"]
+    r = render(tok, conv, chat_template=TEMPLATES[family])
+    for s in r.spans:
+        for t in range(s.start, s.end):
+            a, b = r.offsets[t]
+            outside = r.text[a:max(a, min(b, s.char_start))] + r.text[max(a, s.char_end):b]
+            assert outside.strip() == ""
+    for t in r.straddling:
+        assert r.roles[t] == "template"
+    assert r.input_ids == list(tok.apply_chat_template(conv, chat_template=TEMPLATES[family], tokenize=True,
+                                                       return_dict=False))
+
+
+def test_spans_cli_flags_the_boundary_token_and_shows_exact_text(tmp_path, capsys):
+    from ctxaware.cli.main import main
+
+    tok = _merging_tokenizer([(".", "<")])
+    tok.save_pretrained(tmp_path / "tok")
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + "
+                                      "'<|eot_id|>' }}{% endfor %}", encoding="utf-8")
+    msgs = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Sure."}]
+    (tmp_path / "m.json").write_text(json.dumps(msgs), encoding="utf-8")
+    argv = ["spans", "--messages", str(tmp_path / "m.json"), "--model", str(tmp_path / "tok"),
+            "--template-file", str(tmp_path / "t.jinja"), "--color", "never"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "[assistant]Sure[/assistant][boundary].<[/boundary]" in out
+    assert "boundary token" in out and "text 'Sure.'" in out
+    plain = out.split("\n\n")[0]
+    import re
+
+    assert re.sub(r"\[/?\w+\]", "", plain) == render(tok, msgs, chat_template=(tmp_path / "t.jinja").read_text()).text
+    assert main(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["text"] for s in data["spans"]] == ["Hi.", "Sure."]
+    assert [x["text"] for x in data["straddling"]] == [".<", ".<"]

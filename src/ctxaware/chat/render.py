@@ -14,6 +14,12 @@ How spans are found — by rendering, never by searching for a message's text:
    a :class:`~ctxaware.errors.TemplateError` names the message — nothing is labelled silently.
 4. ``T`` is tokenised once (no special tokens added: the template writes them) and each token is
    labelled with the role of the content it overlaps (character offsets), else ``template``.
+5. Straddling tokens: when the tokenizer merges a content's last (or first) characters with
+   template characters into one token — ``.<`` when ``<|eot_id|>`` is plain text to it, as with the
+   Zephyr template on most non-Llama tokenizers — that token belongs to the **template**, is left
+   out of the span and is listed in :attr:`RenderedChat.straddling`. A token whose only characters
+   outside the content are whitespace (a separator space merged into the first word) stays content.
+   The content's exact text is always ``text[char_start:char_end]`` of its span.
 
 Cost: ``n_messages + 1`` template renders and one tokenisation per conversation.
 """
@@ -191,6 +197,14 @@ def _offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
+def _straddles(text: str, offset: tuple[int, int], c0: int, c1: int) -> bool:
+    """Whether a token at character ``offset`` mixes content ``[c0, c1)`` with non-whitespace
+    characters outside it (the straddling tokens of the policy in :func:`render`)."""
+    a, b = offset
+    outside = text[a:min(b, c0)] + text[max(a, c1):b]
+    return a < c1 and b > c0 and bool(outside.strip())
+
+
 def render(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = False,
            continue_final_message: bool = False, chat_template: str | None = None,
            template_kwargs: Mapping[str, Any] | None = None) -> RenderedChat:
@@ -216,9 +230,13 @@ def render(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = False
     ends = [e for _, e in offsets]
     starts = [b for b, _ in offsets]
     token_spans: dict[int, tuple[int, int]] = {}
+    straddling: list[int] = []
     floor = 0
     # In text order (a template may place a message elsewhere, e.g. Mistral's system prompt in the
-    # last user turn); a token straddling two contents goes to the first one.
+    # last user turn). Straddling policy: a token that mixes a content's characters with
+    # non-whitespace characters outside it (``.<`` when ``<|eot_id|>`` is plain text to this
+    # tokenizer) belongs to the template and is listed in ``straddling``; a token whose only outside
+    # characters are whitespace (the separator space merged into the first word) stays content.
     for i in sorted(range(len(msgs)), key=lambda k: char_spans[k]):
         c0, c1 = char_spans[i]
         start = max(floor, bisect.bisect_right(ends, c0))
@@ -226,6 +244,12 @@ def render(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = False
         while start < end and offsets[start][1] <= offsets[start][0]:  # zero-width edge tokens
             start += 1
         while end > start and offsets[end - 1][1] <= offsets[end - 1][0]:
+            end -= 1
+        if start < end and _straddles(text, offsets[start], c0, c1):
+            straddling.append(start)
+            start += 1
+        if start < end and _straddles(text, offsets[end - 1], c0, c1):
+            straddling.append(end - 1)
             end -= 1
         for t in range(start, end):
             if offsets[t][1] > offsets[t][0]:
@@ -240,7 +264,8 @@ def render(tokenizer: Any, messages: Any, *, add_generation_prompt: bool = False
         spans.append(RoleSpan(role=m["role"], turn=turns[m["role"]], message=i, start=start, end=end,
                               char_start=c0, char_end=c1))
         turns[m["role"]] += 1
-    return RenderedChat(text=text, input_ids=ids, roles=roles, spans=spans, offsets=offsets, messages=msgs)
+    return RenderedChat(text=text, input_ids=ids, roles=roles, spans=spans, offsets=offsets, messages=msgs,
+                        straddling=sorted(set(straddling)))
 
 
 def render_batch(tokenizer: Any, conversations: Iterable[Any], **kwargs: Any) -> list[RenderedChat]:

@@ -58,7 +58,9 @@ class RenderedChat:
 
     ``roles[i]`` is the role of token ``i``; tokens outside every content span are ``template``.
     ``prompt_len`` is the number of tokens that make up the prompt (equal to ``len(input_ids)``
-    for a rendered prompt; steering never down-weights keys at or beyond it).
+    for a rendered prompt; steering never down-weights keys at or beyond it). ``straddling`` lists
+    the tokens that mix a content's characters with template characters: by policy they are
+    ``template`` tokens outside every span (see :mod:`ctxaware.chat.render`).
     """
 
     text: str
@@ -67,6 +69,7 @@ class RenderedChat:
     spans: list[RoleSpan]
     offsets: list[tuple[int, int]] = field(default_factory=list)
     messages: list[dict[str, str]] = field(default_factory=list)
+    straddling: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -84,14 +87,21 @@ class RenderedChat:
         return [r in wanted for r in self.roles]
 
     def to_dict(self, tokenizer=None) -> dict[str, Any]:
-        """JSON-ready dict; with a tokenizer each span carries its decoded ``text``."""
+        """JSON-ready dict. Each span's ``text`` is the content exactly as rendered (characters); with a
+        tokenizer it also carries ``token_text``, the decoded span tokens. ``straddling`` lists the
+        boundary tokens (index, exact characters, the message they touch), counted as template."""
         spans = []
         for s in self.spans:
             d = s.to_dict()
+            d["text"] = self.text[s.char_start:s.char_end]
             if tokenizer is not None:
-                d["text"] = tokenizer.decode(self.input_ids[s.start:s.end])
-            else:
-                d["text"] = self.text[s.char_start:s.char_end]
+                d["token_text"] = tokenizer.decode(self.input_ids[s.start:s.end])
             spans.append(d)
+        straddling = []
+        for t in self.straddling:
+            a, b = self.offsets[t] if t < len(self.offsets) else (0, 0)
+            touched = [s.message for s in self.spans if a < s.char_end and b > s.char_start]
+            straddling.append({"token": t, "text": self.text[a:b], "char_start": a, "char_end": b,
+                               "message": touched[0] if touched else None, "role": "template"})
         return {"text": self.text, "input_ids": list(self.input_ids), "roles": list(self.roles),
-                "spans": spans}
+                "spans": spans, "straddling": straddling}

@@ -1,7 +1,10 @@
 """Show which tokens of a rendered conversation belong to which role.
 
 ``ctxaware spans --messages chat.json`` colours the rendered chat by role in a terminal;
-``--json`` prints the token ids, one role per token, and each message's content span.
+``--json`` prints the token ids, one role per token, and each message's content span. A token that
+straddles a content's edge and a template marker (``.<`` when ``<|eot_id|>`` is plain text to the
+tokenizer) counts as template; it is marked ``boundary`` in the text and listed under
+``straddling`` in the JSON. The text shown is the rendered text exactly (character offsets).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from ..errors import InputFileNotFoundError, TemplateError
 
 HELP = "show the role (system/user/assistant/template) of every token of a rendered chat"
 
-_COLOURS = {"system": "\033[35m", "user": "\033[32m", "assistant": "\033[34m", "template": "\033[2m"}
+_COLOURS = {"system": "\033[35m", "user": "\033[32m", "assistant": "\033[34m", "template": "\033[2m",
+            "boundary": "\033[7;33m"}
 _RESET = "\033[0m"
 
 
@@ -32,12 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="colour the text by role (default: auto = when stdout is a terminal)")
 
 
-def _coloured(rendered, tokenizer, colour: bool) -> str:
+def _coloured(rendered, colour: bool) -> str:
+    """The rendered text exactly (character offsets, not decoded tokens), marked by role; a straddling
+    token (content and template characters in one token, counted as template) is marked ``boundary``."""
+    flagged = set(rendered.straddling)
+    keys = [("boundary" if t in flagged else r) for t, r in enumerate(rendered.roles)]
+    starts = [a for a, _ in rendered.offsets]
     pieces = []
-    for start, end in _runs(rendered.roles):
-        text = tokenizer.decode(rendered.input_ids[start:end])
-        role = rendered.roles[start]
-        pieces.append(f"{_COLOURS[role]}{text}{_RESET}" if colour else f"[{role}]{text}[/{role}]")
+    for start, end in _runs(keys):
+        c0 = 0 if start == 0 else starts[start]
+        c1 = len(rendered.text) if end == len(keys) else starts[end]
+        text, key = rendered.text[c0:c1], keys[start]
+        pieces.append(f"{_COLOURS[key]}{text}{_RESET}" if colour else f"[{key}]{text}[/{key}]")
     return "".join(pieces)
 
 
@@ -72,9 +82,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rendered.to_dict(tokenizer), ensure_ascii=False))
         return 0
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(_coloured(rendered, tokenizer, colour))
+    print(_coloured(rendered, colour))
     counts = {r: rendered.roles.count(r) for r in ("system", "user", "assistant", "template")}
     print(f"\n{len(rendered)} tokens: " + ", ".join(f"{r} {n}" for r, n in counts.items()))
     for s in rendered.spans:
-        print(f"  message {s.message} {s.role} turn {s.turn}: tokens [{s.start}, {s.end})")
+        print(f"  message {s.message} {s.role} turn {s.turn}: tokens [{s.start}, {s.end}), "
+              f"text {rendered.text[s.char_start:s.char_end]!r}")
+    for t in rendered.straddling:
+        a, b = rendered.offsets[t]
+        touched = [s.message for s in rendered.spans if a < s.char_end and b > s.char_start]
+        print(f"  boundary token {t} {rendered.text[a:b]!r} straddles message {touched[0] if touched else '?'}'s "
+              "content and the template: counted as template (see docs/reliability.md)")
     return 0
