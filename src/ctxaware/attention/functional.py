@@ -23,7 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-HALF = (torch.float16, torch.bfloat16)
+from .kernels import HALF, kernel_for
+
+CHUNK_QUERIES = 512  # query rows per chunk where only the math kernel can take the inputs
+CHUNK_MIN_SCORES = 1 << 22  # ... once Tq·Tk exceeds this
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -106,7 +109,12 @@ def padded_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_ch
 
 def sdpa_padded(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, attention_mask: torch.Tensor | None,
                 *, scaling: float, is_causal: bool, dropout: float = 0.0) -> torch.Tensor:
-    """SDPA on (possibly grouped-query) tensors with transformers' conventions; ``(B, H, Tq, Dv)``."""
+    """SDPA on (possibly grouped-query) tensors with transformers' conventions; ``(B, H, Tq, Dv)``.
+
+    Where no fused kernel can take the inputs (:func:`~.kernels.kernel_for` says ``math``) and the
+    scores would be large, queries are processed in chunks of :data:`CHUNK_QUERIES` rows, so at most
+    ``B·H·CHUNK_QUERIES·Tk`` scores exist at a time.
+    """
     n_rep = q2.shape[1] // k2.shape[1]
     extra = {}
     if n_rep > 1:
@@ -114,8 +122,32 @@ def sdpa_padded(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, attention_
             extra["enable_gqa"] = True  # flash (half types, CUDA) and the CPU kernel take GQA as is
         else:
             k2, v2 = repeat_kv(k2, n_rep), repeat_kv(v2, n_rep)
+    tq, tk = q2.shape[2], k2.shape[2]
+    mask_kind = None if attention_mask is None else "bool" if attention_mask.dtype == torch.bool else "float"
+    kernel = kernel_for(q2.shape, k2.shape, v2.shape, q2.dtype, q2.device, mask=mask_kind, dropout=dropout,
+                        enable_gqa=bool(extra))
+    if kernel == "math" and tq > CHUNK_QUERIES and tq * tk > CHUNK_MIN_SCORES:
+        return _chunked(q2, k2, v2, attention_mask, scaling=scaling, is_causal=is_causal, dropout=dropout, **extra)
     return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attention_mask, dropout_p=dropout,
                                           scale=scaling, is_causal=is_causal, **extra)
+
+
+def _chunked(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, attention_mask: torch.Tensor | None, *,
+             scaling: float, is_causal: bool, dropout: float, **extra: bool) -> torch.Tensor:
+    """SDPA by chunks of query rows (the causal flag becomes each chunk's rows of the triangle)."""
+    tq, tk = q2.shape[2], k2.shape[2]
+    outs = []
+    for i0 in range(0, tq, CHUNK_QUERIES):
+        i1 = min(tq, i0 + CHUNK_QUERIES)
+        mask = attention_mask
+        if mask is not None and mask.shape[-2] != 1:
+            mask = mask[..., i0:i1, :]
+        if is_causal:  # top-left aligned, as SDPA's is_causal
+            rows = torch.arange(i0, i1, device=q2.device)[:, None]
+            mask = torch.arange(tk, device=q2.device)[None, :] <= rows
+        outs.append(F.scaled_dot_product_attention(q2[:, :, i0:i1], k2, v2, attn_mask=mask, dropout_p=dropout,
+                                                   scale=scaling, **extra))
+    return torch.cat(outs, dim=2)
 
 
 def sdpa_channels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

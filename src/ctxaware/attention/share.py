@@ -27,11 +27,13 @@ def share_bias(m_e: torch.Tensor, m_n: torch.Tensor, m_g: torch.Tensor, share: t
     return torch.where(m_n > 0, b, torch.zeros_like(b))
 
 
-def indicator_values(emphasised: torch.Tensor, down: torch.Tensor, n_kv: int, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, Hkv, Tk, W)`` values ``[1[E], 1[N], 1[G], 0…]`` (``W`` = 8 keeps fused kernels eligible)."""
+def indicator_values(emphasised: torch.Tensor, down: torch.Tensor, n_kv: int, dtype: torch.dtype,
+                     width: int = 8) -> torch.Tensor:
+    """``(B, Hkv, Tk, width)`` values ``[1[E], 1[N], 1[G], 0…]``; ``width`` = the query's head dim keeps
+    the fused kernels eligible (CPU flash wants equal q/v widths, CUDA kernels an aligned width)."""
     gen = ~(emphasised | down)
     v = torch.stack([emphasised, down, gen], dim=-1).to(dtype)
-    v = torch.nn.functional.pad(v, (0, 5))
+    v = torch.nn.functional.pad(v, (0, max(width, 3) - 3))
     return v[:, None].expand(v.shape[0], n_kv, *v.shape[1:])
 
 
@@ -41,7 +43,7 @@ def shares_sdpa(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
     """``(B, H, Tq, 3)`` float32 shares ``m_E, m_N, m_G`` per query and head (half inputs upcast)."""
     work = torch.float32 if query.dtype in HALF else query.dtype
     q, k = query.to(work), key.to(work)
-    v = indicator_values(emphasised, down, key.shape[1], work)
+    v = indicator_values(emphasised, down, key.shape[1], work, width=q.shape[-1])
     tq, tk = q.shape[2], k.shape[2]
     causal = bool(tq > 1 and attention_mask is None and is_causal)
     if causal and tk > tq:
