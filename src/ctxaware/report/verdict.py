@@ -167,6 +167,6 @@ def qa_findings(qa: dict[str, dict[str, Any]]) -> list[Finding]:
         for task, row in tables.items():
             name = task.replace("ctxaware_", "").split("_")[0]
             se = f" ± {row['stderr']:.2f}" if row.get("stderr") is not None else ""
-            by_set.setdefault(name, []).append(f"{variant} {row['value']:.2f}{se}")
-    return [Finding("qa", f"{name.upper()} ({next(iter(next(iter(qa.values())).values()))['metric']}): "
-                    + ", ".join(items) + ".", {"dataset": name}) for name, items in by_set.items()]
+            by_set.setdefault(name, []).append(f"{variant} {row['metric']} {row['value']:.2f}{se}")
+    return [Finding("qa", f"{name.upper()}: " + ", ".join(items) + ".", {"dataset": name})
+            for name, items in by_set.items()]

@@ -1,0 +1,163 @@
+"""The report: verdict sentences against independent counts, page content, several models, CLI errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from ctxaware.cli.main import main
+from ctxaware.report import build_report, load_results
+from ctxaware.report.html import findings
+
+MODES = ("raw+prefix", "chat+prefix", "chat+prefix+steer", "chat")
+LENGTHS = (1000, 3000, 5000, 7000)
+DEPTHS = (0, 25, 50, 75, 100)
+
+
+def write_niah_dir(d: Path, model: str, seed: int) -> Path:
+    """A NIH results directory of synthetic cells whose recall pattern depends on ``seed``."""
+    rng = random.Random(seed)
+    d.mkdir(parents=True)
+    with open(d / "results.jsonl", "w") as fh:
+        for L in LENGTHS:
+            for dep in DEPTHS:
+                for mode in MODES:
+                    p_lost = {"raw+prefix": 0.15, "chat+prefix": 0.35, "chat+prefix+steer": 0.25, "chat": 0.6}[mode]
+                    p_lost += 0.3 if L >= 5000 and dep <= 50 else 0.0
+                    rec = 1.0 if rng.random() > p_lost else rng.choice([0.0, 0.25, 0.5, 6 / 7])
+                    row = {"key": f"{model}|{mode}|SF|L={L}|d={dep}|builtin:x", "model": model, "mode": mode,
+                           "needle": "SF", "haystack": "builtin:x", "length": L, "tokens": L - 10, "depth": dep,
+                           "answer": "…", "recall": rec, "seconds": 0.1}
+                    if mode.endswith("steer"):
+                        row["alpha"], row["heads"] = 0.9, "all"
+                    fh.write(json.dumps(row) + "\n")
+        fh.write('{"key": "torn')  # a torn last line is tolerated
+    (d / "manifest.json").write_text(json.dumps({"study": {"model": model}, "config": {"model": model},
+                                                 "versions": {"ctxaware": "test"}}))
+    return d
+
+
+def independent_counts(d: Path) -> dict[str, dict[tuple[int, float], float]]:
+    cells: dict[str, dict[tuple[int, float], float]] = {}
+    for line in (d / "results.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        cells.setdefault(r["mode"], {})[(r["length"], float(r["depth"]))] = r["recall"]
+    return cells
+
+
+def _lost(cells):
+    return {c for c, v in cells.items() if v != 1.0}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_verdict_sentences_state_independently_counted_numbers(tmp_path, seed):
+    d = write_niah_dir(tmp_path / "n", "m", seed)
+    c = independent_counts(d)
+    (m,) = load_results([d])
+    by_kind = {}
+    for f in findings(m):
+        by_kind.setdefault(f.kind, []).append(f.text)
+    n = len(LENGTHS) * len(DEPTHS)
+    tmpl = by_kind["template"][0]
+    chat_lost, raw_lost = len(_lost(c["chat+prefix"])), len(_lost(c["raw+prefix"]))
+    assert f"(chat+prefix) the model loses the needle in {chat_lost} of {n} cells" in tmpl
+    assert f"(raw+prefix) in {raw_lost} of {n} cells" in tmpl
+    diff = chat_lost - raw_lost
+    if diff > 0:
+        assert f"the template costs {diff} cell" in tmpl
+    steer = by_kind["steering"][0]
+    recovered = len(_lost(c["chat+prefix"]) - _lost(c["chat+prefix+steer"]))
+    assert f"recovers {recovered} of the {chat_lost} cells chat+prefix loses" in steer
+    assert f"chat+prefix+steer loses {len(_lost(c['chat+prefix+steer']))} of {n}" in steer
+    assert "α = 0.9" in steer
+    newly = len(_lost(c["chat+prefix+steer"]) - _lost(c["chat+prefix"]))
+    assert (f"loses {newly} it found" in steer) == (newly > 0)
+    prefix = by_kind["prefix"][0]
+    mean = sum(c["chat"].values()) / n
+    assert f"(chat) the model loses the needle in {len(_lost(c['chat']))} of {n}" in prefix
+    assert f"mean recall {mean:.2f}" in prefix
+    everywhere = set.intersection(*(_lost(v) for v in c.values()))
+    if everywhere:
+        assert f"Every mode loses the needle in {len(everywhere)} of {n}" in by_kind["length"][0]
+    else:
+        assert "length" not in by_kind
+    # where the lost cells are: the stated ranges hold for the counted cells
+    lost_cells = _lost(c["chat+prefix"])
+    mt = re.search(r"chat\+prefix\) the model loses the needle in \d+ of \d+ cells \(all at ≥ (\d+) tokens and "
+                   r"depths ≤ (\d+) %\)", tmpl)
+    if mt:
+        assert int(mt.group(1)) == min(L for L, _ in lost_cells) and float(mt.group(2)) == max(x for _, x in lost_cells)
+
+
+def _pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_page_is_self_contained_with_tables_and_valid_images(tmp_path):
+    from PIL import Image
+
+    d = write_niah_dir(tmp_path / "n", "model-a", 0)
+    out = build_report([d], tmp_path / "r.html")
+    page = out.read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert 'class="verdict"' in page and 'class="niah"' in page and "Provenance" in page
+    imgs = _pngs(page)
+    assert len(imgs) == page.count("<img") == 2  # heatmaps + recall vs length
+    for data in imgs:
+        im = Image.open(io.BytesIO(data))
+        im.verify()
+        assert im.size[0] > 200 and im.size[1] > 100
+    # the table's counts are the independent ones
+    c = independent_counts(d)
+    for mode, cells in c.items():
+        found = sum(1 for v in cells.values() if v == 1.0)
+        assert re.search(rf"<td>{re.escape(mode)}</td><td>{found}/{len(cells)}</td>", page)
+
+
+def test_several_models_side_by_side(tmp_path):
+    a = write_niah_dir(tmp_path / "a", "model-a", 1)
+    b = write_niah_dir(tmp_path / "b", "model-b", 2)
+    models = load_results([tmp_path])  # sub-directories are searched
+    assert [m.model for m in models] == ["model-a", "model-b"]
+    page = build_report([a, b], tmp_path / "r.html").read_text()
+    assert "model-a: needle found" in page and "model-b: needle found" in page
+    assert page.count('<ul class="verdict">') == 2 and page.count("NIH heatmaps of") == 2
+
+
+def test_qa_and_calibration_directories(tmp_path):
+    from ctxaware.steering import SteeringConfig
+    from ctxaware.steering.file import write_steering_file
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    (ev / "results.json").write_text(json.dumps({
+        "results": {"ctxaware_squad_no_ind": {"alias": "squad", "contains,none": 0.42, "contains_stderr,none": 0.07}},
+        "n-samples": {"ctxaware_squad_no_ind": {"original": 100, "effective": 50}}}))
+    cal = tmp_path / "cal"
+    write_steering_file(cal / "steering.yaml", SteeringConfig(alpha=0.8, heads="3:0"), {"model": "m"})
+    page = build_report([ev, cal], tmp_path / "r.html").read_text()
+    assert "<td>ctxaware_squad_no_ind</td><td>contains</td><td>0.420</td><td>0.070</td><td class=\"num\">50</td>" in page
+    assert "Calibration" in page and "3:0" in page
+    assert "SQUAD: eval contains 0.42 ± 0.07" in page  # the variant is the directory's name
+
+
+def test_cli_report_one_line_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "no results found" in capsys.readouterr().err
+    d = write_niah_dir(tmp_path / "n", "model-a", 3)
+    assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 0
+    out = capsys.readouterr().out
+    assert "model-a" in out and "wrote" in out and (tmp_path / "r.html").is_file()
