@@ -252,6 +252,31 @@ def test_steering_inside_model_calls(tiny):
     assert model.config._attn_implementation == seen[0]  # restored after the call
 
 
+def test_left_truncated_loglikelihood_is_steered_on_the_surviving_context(tiny):
+    """lm-eval cuts (context + continuation) from the left to fit max_length: the surviving part of the
+    context keeps its emphasis (it used to get all-true emphasis, i.e. ran silently unsteered)."""
+    from ctxaware.chat import render
+    from ctxaware.steering import SteeringConfig, steer
+
+    model, tok = tiny
+    prompt = SQUAD_PROMPT.format(passage=PASSAGES[0], question=QUESTIONS[0])
+    doc = {qa.TEMPLATE_FIELD: True}
+    chat = render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    cont = tok(" the fox", add_special_tokens=False)["input_ids"]
+    ids = list(chat.input_ids) + cont
+    max_length = len(ids) - 6  # cut 5 context tokens (the first of them template, then user ones)
+    cut = len(ids) - (max_length + 1)
+    kept = ids[cut:]
+    plain = _reference_ll(model, kept, len(cont))
+    lm = make_lm(tiny, alpha=0.3, heads="0-1", max_length=max_length)
+    ll = lm.loglikelihood([_ll_instance(doc, prompt, " the fox")])[0][0]
+    emphasis = torch.tensor([(chat.role_mask("user") + [True] * (len(cont) - 1))[cut:]])
+    assert not emphasis.all()
+    with steer(model, SteeringConfig(alpha=0.3, heads="0-1"), emphasis=emphasis):
+        steered = _reference_ll(model, kept, len(cont))
+    assert abs(ll - plain) > 1e-4 and math.isclose(ll, steered, rel_tol=1e-5, abs_tol=1e-5)
+
+
 def test_cli_module_adds_tasks_dir():
     from ctxaware.harness.__main__ import with_tasks_dir
 

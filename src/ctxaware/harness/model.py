@@ -11,6 +11,9 @@ only how a request's prompt becomes token ids, and wraps the model calls in :fun
   lm-eval's run-level ``apply_chat_template``. ``chat_template=True/False`` forces it for every request.
 - ``_model_generate`` and ``_model_call`` run inside ``steer(model, config, emphasis)`` with the
   per-row emphasis of the (left-padded or right-padded) batch; ``alpha=1`` (default) never steers.
+- A loglikelihood row whose context lm-eval left-truncated to fit ``max_length`` is steered with the
+  emphasis of the surviving tokens; a row that matches no rendered request raises
+  :class:`~ctxaware.errors.SteeringError` rather than running unsteered.
 """
 
 from __future__ import annotations
@@ -104,7 +107,9 @@ class CtxawareLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size, **kwargs)
         self._templated: dict[str, tuple[list[dict], bool]] = {}  # lm-eval's chat-templated text -> messages
         self._rendered: dict[str, Any] = {}  # final prompt text -> RenderedChat (during one call)
-        self._ll_chats: dict[tuple[int, ...], Any] = {}  # loglikelihood context ids -> RenderedChat
+        # loglikelihood: the context ids the model sees (after lm-eval's left truncation) ->
+        # (RenderedChat, number of its tokens truncated away)
+        self._ll_chats: dict[tuple[int, ...], tuple[Any, int]] = {}
         self._batch_emphasis: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- rendering
@@ -207,7 +212,17 @@ class CtxawareLM(HFLM):
         context_enc = list(chat.input_ids)
         continuation_enc = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if self.steering.active:
-            self._ll_chats[tuple(context_enc)] = chat
+            # HFLM feeds (context + continuation)[-(max_length + 1):][:-1]: when that cuts the context
+            # from the left, key the row by the surviving part and steer with its emphasis.
+            cut = max(0, len(context_enc) + len(continuation_enc) - (self.max_length + 1))
+            if cut >= len(context_enc):
+                raise SteeringError(f"a loglikelihood request's continuation ({len(continuation_enc)} tokens) fills "
+                                    f"the model's window ({self.max_length}): no context token is left to steer; "
+                                    "use a model with a longer window or a task with shorter answers")
+            if cut:
+                logger.warning("loglikelihood context left-truncated by %d tokens to fit %d: steering the "
+                               "surviving %d tokens", cut, self.max_length, len(context_enc) - cut)
+            self._ll_chats[tuple(context_enc[cut:])] = (chat, cut)
         return context_enc, list(continuation_enc)
 
     # ---------------------------------------------------------------- model calls
@@ -224,20 +239,26 @@ class CtxawareLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def _call_emphasis(self, inps: torch.Tensor) -> torch.Tensor | None:
-        """Per-row emphasis of a right-padded loglikelihood batch; None when no row is known."""
+        """Per-row emphasis of a right-padded loglikelihood batch (of the part of the context that
+        survived lm-eval's left truncation); None when no row is known. A row of a rendered request
+        that cannot be matched raises instead of running unsteered."""
         if not self._ll_chats:
             return None
         lengths = sorted({len(k) for k in self._ll_chats}, reverse=True)
         rows, width = inps.tolist(), inps.shape[1]
         out = torch.ones(inps.shape, dtype=torch.bool)
-        found = False
+        found = 0
         for i, row in enumerate(rows):
             for n in lengths:
-                chat = self._ll_chats.get(tuple(row[:n])) if n <= width else None
-                if chat is not None:
-                    out[i, :n] = self._emphasis_of([chat])[0]
-                    found = True
+                hit = self._ll_chats.get(tuple(row[:n])) if n <= width else None
+                if hit is not None:
+                    chat, cut = hit
+                    out[i, :n] = self._emphasis_of([chat])[0][cut:cut + n]
+                    found += 1
                     break
+        if found and found < len(rows):
+            raise SteeringError(f"{len(rows) - found} of {len(rows)} rows of a loglikelihood batch match no "
+                                "rendered request, so they would run unsteered; use batch_size=1 or report this")
         return out if found else None
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
