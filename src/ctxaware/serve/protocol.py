@@ -67,8 +67,7 @@ class ChatRequest:
         """What the ``ctxaware`` object of the response reports: the steering and indicator applied."""
         cfg = self.steering
         return {"steered": cfg is not None, "source": self.steering_source, "indicator": self.indicator,
-                "steering": None if cfg is None else {"alpha": cfg.alpha, "heads": cfg.heads,
-                                                      "emphasis": cfg.emphasis, "compounding": cfg.compounding}}
+                "steering": None if cfg is None else cfg.to_dict()}
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:

@@ -38,17 +38,24 @@ def build_app(model: Any, tokenizer: Any, model_name: str, config: ServeConfig |
     return create_app(engine, model_name, config, steering)
 
 
-def _uvicorn_server(app: Any, config: ServeConfig) -> Any:
+def _uvicorn_server(app: Any, config: ServeConfig, log_level: str = "warning") -> Any:
     uvicorn = require("uvicorn", "serve")
-    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                          timeout_graceful_shutdown=int(config.timeout) + 1, lifespan="on"))
 
 
 def serve_forever(app: Any, config: ServeConfig) -> None:
     """Serve until SIGINT/SIGTERM (graceful: in-flight requests finish first)."""
-    server = _uvicorn_server(app, config)
-    logger.warning("ctxaware serve listening on http://%s:%d/v1", config.host, config.port)
-    server.run()
+    import signal
+
+    server = _uvicorn_server(app, config, log_level="info")  # uvicorn prints the address and each request
+    # uvicorn re-raises a captured SIGTERM once it has shut down; a handler that does nothing turns that
+    # into a normal exit (status 0) after the graceful shutdown
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class BackgroundServer:
