@@ -607,3 +607,128 @@ def test_embedded_batch_equals_single_and_cli(embedded, capsys, monkeypatch):
     import json
 
     assert json.loads(capsys.readouterr().out) == {"reply": batch[0]}
+
+
+# ----------------------------------------------------------------------------- target-share rule
+_SHARE: dict = {}
+SHARE_REF = "ctxaware_test_share_reference"
+
+
+def _share_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Brute force of METHOD "Target share" in float64, from log-sum-exps of the scores."""
+    n_rep = query.shape[1] // key.shape[1]
+    q, k, v = query.double(), key.double().repeat_interleave(n_rep, 1), value.double().repeat_interleave(n_rep, 1)
+    scores = q @ k.transpose(-1, -2) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : k.shape[-2]].double()
+    heads = _SHARE["heads"].get(module.layer_idx)
+    if heads is not None:
+        t = scores.shape[-1]
+        emph = _SHARE["emphasis"]
+        n = min(emph.shape[1], t)
+        e_keys = torch.zeros(emph.shape[0], t, dtype=torch.bool)
+        e_keys[:, :n] = emph[:, :n]
+        n_keys = torch.zeros_like(e_keys)
+        n_keys[:, :n] = ~emph[:, :n]
+        g_keys = ~(e_keys | n_keys)
+        neg = torch.tensor(float("-inf"), dtype=torch.float64)
+
+        def lse(sel):
+            return torch.where(sel[:, None, None, :], scores, neg).logsumexp(-1)
+
+        s = _SHARE["share"]
+        z_e, z_n, z_g = lse(e_keys).exp(), lse(n_keys).exp(), lse(g_keys).exp()
+        num = z_e * (1 - s) / s - z_g
+        b = torch.where(num > 0, torch.log(num.clamp_min(1e-300) / z_n), torch.full_like(num, -30.0))
+        b = torch.where(z_n > 0, b.clamp(-30.0, 0.0), torch.zeros_like(b))
+        sel = torch.zeros(scores.shape[1], dtype=torch.bool)
+        sel[heads] = True
+        b = torch.where(sel[None, :, None], b, torch.zeros_like(b))
+        scores = scores + b[..., None] * n_keys[:, None, None, :].double()
+        _SHARE.setdefault("probs", {})[module.layer_idx] = (scores.softmax(-1), e_keys)
+    probs = scores.softmax(-1)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), probs.to(query.dtype)
+
+
+def share_reference_logits(model, ids, emphasis, share, heads="all"):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(SHARE_REF, _share_reference_attention)
+    AttentionMaskInterface.register(SHARE_REF, eager_mask)
+    n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
+    resolved = SteeringConfig(heads=heads).resolve_heads(n_layers, n_heads)
+    _SHARE.update(heads={layer: (h if h is not None else list(range(n_heads))) for layer, h in resolved.items()},
+                  emphasis=torch.as_tensor(emphasis), share=share)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = SHARE_REF
+    try:
+        return logits(model, ids), _SHARE.get("probs", {})
+    finally:
+        model.config._attn_implementation = saved
+        _SHARE.clear()
+
+
+@functools.lru_cache(maxsize=None)
+def _models64(kind: str):
+    return {impl: tiny_model(kind, impl).to(torch.float64) for impl in ("sdpa", "eager")}
+
+
+@pytest.mark.parametrize("share,heads", [(0.5, "all"), (0.8, "1:0,3;2"), (0.97, "all")])
+def test_target_share_equals_float64_brute_force(tok, share, heads):
+    model = _models64("llama")
+    r = rendered(tok)
+    cfg = SteeringConfig(rule="share", share=share, heads=heads, alpha=0.99)  # alpha is ignored under "share"
+    ref, probs = share_reference_logits(model["eager"], r.input_ids, user_mask(r), share, heads)
+    for impl in ("sdpa", "eager"):
+        with steer(model[impl], cfg, r) as plan:
+            assert plan.share is not None and plan.log_alpha.tolist() == [0.0]
+            out = logits(model[impl], r.input_ids)
+        # 1e-6: the unsteered layers run the model's own kernels (float32 softmax in eager)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert (ref - logits(model["sdpa"], r.input_ids)).abs().max() > 1e-3  # it steered something
+    # the rule itself: every steered query gives E at least the share (exactly it where it acted)
+    p, e_keys = probs[2]
+    m_e = (p * e_keys[:, None, None, :].double()).sum(-1)[0]  # (H, Tq)
+    first_e = int(e_keys[0].nonzero()[0])
+    steered_heads = range(4) if heads == "all" else [0, 3]
+    assert (m_e[list(steered_heads), first_e:] >= share - 1e-9).all()
+
+
+def test_target_share_during_decoding_and_mixed_rules(tok):
+    """KV-cache decoding under the share rule equals full recompute; a batch mixing rules equals its rows."""
+    model = _models64("qwen2")["sdpa"]
+    chats = [rendered(tok, i) for i in range(2)]
+    cfg = SteeringConfig(rule="share", share=0.7)
+    sm = SteeredModel(model, tok, None)
+    gen_cfg = sm.generation_config(5, min_new_tokens=5, output_logits=True, return_dict_in_generate=True)
+    ids = torch.tensor([chats[1].input_ids])
+    with steer(model, cfg, chats[1]), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+    seq = out.sequences[0].tolist()
+    p = len(chats[1])
+    for step, step_logits in enumerate(out.logits):
+        ref, _ = share_reference_logits(_models64("qwen2")["eager"], seq[: p + step], user_mask(chats[1]), 0.7)
+        torch.testing.assert_close(step_logits[0].double(), ref[0, -1], atol=1e-5, rtol=0)  # float32 logits
+    from ctxaware.steering import steer_rows
+
+    width = max(len(c) for c in chats)
+    batch_ids = torch.tensor([[0] * (width - len(c)) + c.input_ids for c in chats])
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chats])
+    rows = [SteeringConfig(alpha=0.3), cfg]
+    with steer_rows(model, rows, chats), torch.no_grad():
+        mixed = model.generate(input_ids=batch_ids, attention_mask=mask, generation_config=gen_cfg)
+    for i, (c, row) in enumerate(zip(chats, rows)):
+        one = torch.tensor([c.input_ids])
+        with steer(model, row, c), torch.no_grad():
+            single = model.generate(input_ids=one, attention_mask=torch.ones_like(one), generation_config=gen_cfg)
+        assert mixed.sequences[i, width:].tolist() == single.sequences[0, len(c):].tolist()
+
+
+def test_share_config_validation():
+    for bad in (0, 1, 1.5, -0.1, float("nan"), "x", True):
+        with pytest.raises(ConfigError, match="share"):
+            SteeringConfig(rule="share", share=bad)
+    with pytest.raises(ConfigError, match="rule"):
+        SteeringConfig(rule="spotlight")
+    assert SteeringConfig(rule="share", alpha=1.0).active and not SteeringConfig(alpha=1.0).active

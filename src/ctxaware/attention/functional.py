@@ -271,7 +271,7 @@ def eager_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scores = eager_scores(query, key, attention_mask, scaling=scaling, softcap=softcap)
     if add is not None:
         scores = (scores.float() + add.float()) if scores.dtype in HALF else scores + add.to(scores.dtype)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     v = repeat_kv(value, query.shape[1] // value.shape[1])
     out = torch.matmul(probs, v).transpose(1, 2).contiguous()
