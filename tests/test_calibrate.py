@@ -151,12 +151,16 @@ def test_calibrate_writes_file_table_and_never_picks_a_guard_failure(tiny, tmp_p
                                        "all@0.05", "all@0.7"]
     assert cands[1].n_heads == 3 and cands[3].n_heads == 3 and cands[5].n_heads == 12
     for c in cands[1:]:
-        assert (c.recall is not None) == bool(c.guard["passed"])  # refused candidates are never answered
+        assert (c.needle_loss is not None) == bool(c.guard["passed"])  # refused candidates are never scored
     config, meta = read_steering_file(tmp_path / "cal" / "steering.yaml")
     assert config == result["steering"]
     chosen = next(c for c in cands if c.name == meta["chosen"])
     assert chosen.alpha == 1.0 or chosen.guard["passed"]
-    assert chosen.key() >= cands[0].key()
+    assert chosen.key("needle_loss") >= cands[0].key("needle_loss")
+    assert chosen.recall is not None and cands[0].recall is not None  # recall of baseline and winner
+    passing = [c for c in cands[1:] if c.guard["passed"]]
+    if passing and min(c.needle_loss for c in passing) < cands[0].needle_loss:
+        assert chosen.needle_loss == min(c.needle_loss for c in passing)
     if chosen.alpha < 1:
         assert config.alpha == chosen.alpha and config.heads == heads_to_spec(chosen.heads)
     assert meta["held_in"]["lengths"] == [400, 520] and len(meta["search"]) == len(cands)
@@ -166,6 +170,22 @@ def test_calibrate_writes_file_table_and_never_picks_a_guard_failure(tiny, tmp_p
     assert [r["candidate"] for r in table] == [c.name for c in cands]
     data = json.loads((tmp_path / "cal" / "search.json").read_text())
     assert len(data["head_scores"]) == 3 and len(data["head_scores"][0]) == 4
+
+
+def test_choose_by_recall_prefers_recall_then_loss_then_gentler_steering():
+    from ctxaware.calibrate.search import Candidate, choose
+
+    def cand(name, alpha, recall, loss, passed=True):
+        c = Candidate(name, "all", alpha, "all", 4, guard={"passed": passed}, recall=recall, needle_loss=loss)
+        return c
+
+    base = cand("unsteered", 1.0, 0.5, 2.0)
+    a, b = cand("a", 0.3, 0.75, 1.9), cand("b", 0.6, 0.75, 1.9)
+    refused = cand("c", 0.1, 1.0, 1.0, passed=False)
+    assert choose([base, a, b, refused], "recall")[0] is b  # tie on both scores: gentler alpha
+    assert choose([base, cand("d", 0.5, 0.5, 2.5)], "recall")[0] is base  # nothing beats the baseline
+    assert choose([base, cand("e", 0.5, 0.25, 1.5)], "needle_loss")[0].name == "e"
+    assert choose([base, cand("e", 0.5, 0.25, 1.5)], "recall")[0] is base
 
 
 def test_config_errors():

@@ -68,6 +68,14 @@ class CalibrationConfig(ConfigMixin):
     head_sets: Any = field("top16,layer1,all", metavar="SETS", help=HEAD_SET_HELP)
     alphas: Any = field("0.3,0.6", metavar="A1,A2,...",
                         help="alpha values tried with every head set (weight kept on non-user prompt keys)")
+    shares: Any = field("", metavar="S1,S2,...",
+                        help='target shares tried under the "share" rule with every head set (the emphasised keys '
+                             'get at least this share of each steered query\'s attention); empty = fixed alpha only')
+    select_by: str = field("needle_loss", choices=("needle_loss", "recall"),
+                           help='held-in score that picks the candidate: "needle_loss" (mean loss of the needle '
+                                'sentence as the answer, one forward pass per cell; recall is then measured for '
+                                'the baseline and the chosen candidate only) or "recall" (greedy answers of every '
+                                'candidate, needle loss as tie-break; about twice the time)')
     margin: float = field(0.05, help="quality guard: the steered mean token loss (nats) of each guard set may "
                                      "exceed the unsteered one by at most this much")
     instructions: str = field("", metavar="FILE",
@@ -95,6 +103,9 @@ class CalibrationConfig(ConfigMixin):
         if any(not 0.0 < a < 1.0 for a in self.alphas):
             raise ConfigError(f"alphas must lie in (0, 1) (1 is the unsteered baseline, always measured), "
                               f"got {self.alphas}")
+        self.shares = [] if self.shares in (None, "", []) else split_list(self.shares, "shares", float)
+        if any(not 0.0 < v < 1.0 for v in self.shares):
+            raise ConfigError(f"shares must lie strictly between 0 and 1, got {self.shares}")
         if any(v < 50 for v in self.lengths):
             raise ConfigError(f"lengths must be token counts >= 50, got {self.lengths}")
         if any(not 0 <= d <= 100 for d in self.depths):

@@ -153,11 +153,15 @@ def losses_of_rendered(model: Any, rendered: Sequence[Any], steering: Any = None
             raise InputError("a guard conversation has no assistant response after its prompt")
         items.append((i, r, span.start, span.end))
     items.sort(key=lambda x: x[3])
+    # under the share rule the response keys must stay "generated" keys (in neither the emphasised nor
+    # the down-weighted set): rows of one batch then need the same prompt length
+    same_start = active and getattr(steering, "rule", "alpha") == "share"
     out: dict[int, float] = {}
     lo = 0
     while lo < len(items):
         hi = lo + 1
-        while hi < len(items) and (hi + 1 - lo) * items[hi][3] <= batch_tokens:
+        while hi < len(items) and (hi + 1 - lo) * items[hi][3] <= batch_tokens and (
+                not same_start or items[hi][2] == items[lo][2]):
             hi += 1
         batch = items[lo:hi]
         lo = hi

@@ -94,7 +94,7 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
 
     file_cfg, meta = read_steering_file(cfg.steering)
     model_name = cfg.model or meta.get("model") or "embedded"
-    loaded = load_model(None if model_name == "embedded" else model_name)
+    loaded = load_model(None if model_name == "embedded" else model_name, dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,9 +107,14 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
                              model_name=model_name, plot=False)}
     file_run = None
     if file_cfg.active:
-        file_run = run_niah(NiahConfig(modes="chat+steer", alpha=file_cfg.alpha, heads=file_cfg.heads,
-                                       out=str(out / "niah-file"), **common), model=model, tokenizer=tok,
-                            model_name=model_name, plot=False)
+        if "steering" in NiahConfig.field_names():
+            steer_opts: dict[str, Any] = {"steering": str(cfg.steering)}
+        elif file_cfg.rule == "alpha":
+            steer_opts = {"alpha": file_cfg.alpha, "heads": file_cfg.heads}
+        else:
+            raise ConfigError(f"{cfg.steering}: rule {file_cfg.rule!r} needs a niah that reads steering files")
+        file_run = run_niah(NiahConfig(modes="chat+steer", out=str(out / "niah-file"), **steer_opts, **common),
+                            model=model, tokenizer=tok, model_name=model_name, plot=False)
     recs = runs["chat"].records
     niah = {"chat": [r for r in recs if r["mode"] == "chat"],
             f"chat+all@{cfg.baseline_alpha:g}": [r for r in recs if r["mode"] == "chat+steer"],

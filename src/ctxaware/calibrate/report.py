@@ -3,7 +3,8 @@
 ``search.csv``: one row per candidate (head set, α, heads steered, guard losses and rises, held-in
 recall and needle loss). ``search.json``: the same rows, every candidate's held-in answers and the
 full ``(layers, heads)`` retrieval-score matrix. ``calibration.png``: the score matrix as a
-heatmap beside held-in recall per candidate (guard failures hatched). matplotlib only for the plot.
+heatmap beside the held-in needle loss per candidate (guard failures hatched, recall annotated
+where measured). matplotlib only for the plot.
 """
 
 from __future__ import annotations
@@ -45,18 +46,21 @@ def plot_search(path: Path, cands: Sequence[Any], scores: Any, chosen: str) -> P
     ax0.set_title("attention of the answer query on the needle")
     fig.colorbar(im, ax=ax0, fraction=0.046)
     names = [c.name for c in cands]
-    values = [c.recall if c.recall is not None else 0.0 for c in cands]
-    colors = ["tab:green" if c.name == chosen else ("tab:gray" if c.alpha >= 1 else "tab:blue") for c in cands]
-    bars = ax1.bar(range(len(cands)), values, color=colors)
+    losses = [c.needle_loss for c in cands]
+    top = max([v for v in losses if v is not None] or [1.0])
+    colors = ["tab:green" if c.name == chosen else ("tab:gray" if not c.steered else
+              ("tab:purple" if c.rule == "share" else "tab:blue")) for c in cands]
+    bars = ax1.bar(range(len(cands)), [v if v is not None else top * 0.02 for v in losses], color=colors)
     for bar, c in zip(bars, cands):
-        if c.recall is None:
+        if c.needle_loss is None:
             bar.set_hatch("//")
-            bar.set_height(0.02)
             bar.set_color("tab:red")
+        elif c.recall is not None:
+            ax1.annotate(f"recall {c.recall:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                         ha="center", va="bottom", fontsize=7)
     ax1.set_xticks(range(len(cands)))
     ax1.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax1.set_ylim(0, 1.05)
-    ax1.set_ylabel("held-in mean recall")
+    ax1.set_ylabel("held-in needle loss (nats/token, lower is better)")
     ax1.set_title("candidates (red: refused by the quality guard; green: chosen)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ Steps: (1) build the held-in NIH prompts (chat template) and score every head by
 last prompt token pays to the needle (:mod:`ctxaware.calibrate.heads`); (2) form the candidates
 (every head set × every α, plus the unsteered baseline); (3) run the quality guard on each
 (:mod:`ctxaware.calibrate.guard`), cheap, so that only candidates that keep quality are (4)
-answered greedily on the held-in cells and scored by recall, with the mean loss of the needle
-sentence as the answer (a continuous held-in score) as tie-break; (5) keep the best candidate
+scored on the held-in cells: by default by the mean loss of the needle sentence as the answer (a
+continuous score, one forward pass per cell; greedy recall is measured for the baseline and the
+winner), or with ``select_by="recall"`` by greedy recall with that loss as tie-break; (5) keep the best candidate
 that beats the baseline, else the baseline (α = 1: "no steering"), and write the steering file,
 the search table and the plot (:mod:`ctxaware.calibrate.report`).
 """
@@ -40,6 +41,8 @@ class Candidate:
     alpha: float
     heads: Any
     n_heads: int
+    rule: str = "alpha"
+    share: float | None = None
     guard: dict[str, Any] = field(default_factory=dict)
     recall: float | None = None
     cells_perfect: int | None = None
@@ -48,16 +51,30 @@ class Candidate:
 
     @property
     def config(self) -> SteeringConfig:
+        if self.rule == "share":
+            return SteeringConfig(rule="share", share=self.share, heads=heads_to_spec(self.heads))
         return SteeringConfig(alpha=self.alpha, heads=heads_to_spec(self.heads))
 
-    def key(self) -> tuple:
-        """Selection key (larger is better): held-in recall, then lower needle loss."""
-        return (self.recall if self.recall is not None else -1.0,
-                -(self.needle_loss if self.needle_loss is not None else float("inf")))
+    @property
+    def steered(self) -> bool:
+        return self.rule == "share" or self.alpha < 1
+
+    @property
+    def weakness(self) -> float:
+        """Larger = gentler steering (alpha, or 1 - share): the tie-break between equal scores."""
+        return 1.0 - float(self.share) if self.rule == "share" else self.alpha
+
+    def key(self, select_by: str = "recall") -> tuple:
+        """Selection key (larger is better): lower needle loss, or held-in recall then lower needle loss."""
+        loss = -(self.needle_loss if self.needle_loss is not None else float("inf"))
+        if select_by == "needle_loss":
+            return (loss,)
+        return (self.recall if self.recall is not None else -1.0, loss)
 
     def row(self) -> dict[str, Any]:
         g = self.guard
-        out = {"candidate": self.name, "head_set": self.head_set, "alpha": self.alpha, "n_heads": self.n_heads,
+        out = {"candidate": self.name, "head_set": self.head_set, "rule": self.rule,
+               "alpha": self.alpha if self.rule == "alpha" else None, "share": self.share, "n_heads": self.n_heads,
                "guard_passed": g.get("passed"), "heldin_recall": self.recall, "heldin_perfect": self.cells_perfect,
                "heldin_needle_loss": self.needle_loss}
         for name in ("instructions", "qa"):
@@ -90,12 +107,18 @@ def held_in_cells(cfg: CalibrationConfig, tokenizer: Any) -> tuple[list[dict[str
     return cells, hay.id, needle
 
 
-def _evaluate(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate, cells: list[dict],
-              needle: Any) -> None:
-    """Greedy answers and needle-sentence loss of one candidate on the held-in cells."""
+def _needle_loss(model: Any, tokenizer: Any, cand: Candidate, cells: list[dict]) -> None:
+    """Mean loss of the needle sentence as the answer of each held-in cell, under the candidate's steering."""
+    losses = response_losses(model, tokenizer, [c["messages"] for c in cells], cand.config if cand.steered else None)
+    cand.needle_loss = sum(losses) / len(losses)
+
+
+def _answer(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate, cells: list[dict],
+            needle: Any) -> None:
+    """Greedy answers (and their recall) of one candidate on the held-in cells."""
     from ..niah.engine import GreedyEngine, Job
 
-    steering = cand.config if cand.alpha < 1 else None
+    steering = cand.config if cand.steered else None
     engine = GreedyEngine(model, tokenizer, cfg.max_new_tokens, steer_config=steering, batch_size=cfg.batch_size)
     jobs = [Job(c["prompt"], steer=steering is not None, tag=i) for i, c in enumerate(cells)]
     answers: dict[int, str] = {}
@@ -104,32 +127,33 @@ def _evaluate(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidat
     scores = [recall(a, needle.keywords) for a in cand.answers]
     cand.recall = sum(scores) / len(scores)
     cand.cells_perfect = sum(1 for s in scores if s >= 1.0)
-    losses = response_losses(model, tokenizer, [c["messages"] for c in cells], steering)
-    cand.needle_loss = sum(losses) / len(losses)
 
 
 def candidates(cfg: CalibrationConfig, scores: Any) -> list[Candidate]:
-    """The unsteered baseline, then every head set × α."""
+    """The unsteered baseline, then every head set × (every α, then every target share)."""
     n_layers, n_heads = scores.shape
     out = [Candidate("unsteered", "none", 1.0, "all", 0)]
     for name in cfg.head_sets:
         heads = head_set(scores, name)
         for alpha in cfg.alphas:
             out.append(Candidate(f"{name}@{alpha:g}", name, float(alpha), heads, count_heads(heads, n_layers, n_heads)))
+        for share in cfg.shares:
+            out.append(Candidate(f"{name}@s{share:g}", name, 1.0, heads, count_heads(heads, n_layers, n_heads),
+                                 rule="share", share=float(share)))
     return out
 
 
-def choose(cands: list[Candidate]) -> tuple[Candidate, str]:
+def choose(cands: list[Candidate], select_by: str = "recall") -> tuple[Candidate, str]:
     """The best guard-passing candidate that beats the baseline on the held-in key, else the baseline."""
     base = cands[0]
-    passing = [c for c in cands[1:] if c.guard.get("passed") and c.recall is not None]
+    passing = [c for c in cands[1:] if c.guard.get("passed") and c.needle_loss is not None]
     if not passing:
         return base, "no candidate passed the quality guard: unsteered (alpha = 1)"
-    best = max(passing, key=lambda c: (c.key(), c.alpha, -c.n_heads))
-    if best.key() <= base.key():
+    best = max(passing, key=lambda c: (c.key(select_by), c.weakness, -c.n_heads))
+    if best.key(select_by) <= base.key(select_by):
         return base, "no guard-passing candidate beat the unsteered model on the held-in cells: alpha = 1"
-    return best, (f"best held-in recall (then lowest needle loss) among candidates within the guard margin: "
-                  f"{best.name}")
+    what = "lowest held-in needle loss" if select_by == "needle_loss" else "best held-in recall (then lowest needle loss)"
+    return best, f"{what} among candidates within the guard margin: {best.name}"
 
 
 def writable_dir(path: str | Path) -> Path:
@@ -175,18 +199,23 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
                                      "qa": qa_set(cfg.qa, cfg.guard_examples)}, cfg.margin)
     t0 = time.perf_counter()
     for cand in tqdm(cands, desc="guard", unit="candidate", disable=not cfg.progress):
-        cand.guard = guard.check(cand.config if cand.alpha < 1 else None)
+        cand.guard = guard.check(cand.config if cand.steered else None)
     guard_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    todo = [c for c in cands if c.guard.get("passed") or c.alpha >= 1]
+    todo = [c for c in cands if c.guard.get("passed") or not c.steered]
     for cand in tqdm(todo, desc="held-in NIH", unit="candidate", disable=not cfg.progress):
-        _evaluate(cfg, model, tokenizer, cand, cells, needle)
-        logger.info("%s: held-in recall %.3f, needle loss %.3f", cand.name, cand.recall, cand.needle_loss)
+        _needle_loss(model, tokenizer, cand, cells)
+        if cfg.select_by == "recall" or cand is cands[0]:
+            _answer(cfg, model, tokenizer, cand, cells, needle)
+        logger.info("%s: held-in needle loss %.4f, recall %s", cand.name, cand.needle_loss, cand.recall)
+    chosen, reason = choose(cands, cfg.select_by)
+    if chosen.recall is None:
+        _answer(cfg, model, tokenizer, chosen, cells, needle)
     niah_seconds = time.perf_counter() - t0
-    chosen, reason = choose(cands)
     ranked = rank_heads(scores)
     meta = {
-        "model": model_name, "rule": "fixed_alpha", "chosen": chosen.name, "reason": reason,
+        "model": model_name, "rule": chosen.rule if chosen.steered else "none", "chosen": chosen.name, "reason": reason,
+        "select_by": cfg.select_by,
         "held_in": {"haystack": hay_id, "needle": needle.name, "lengths": sorted(set(cfg.lengths)),
                     "depths": sorted(set(cfg.depths)), "mode": "chat", "max_new_tokens": cfg.max_new_tokens,
                     "tokens": [len(c["prompt"].input_ids) for c in cells]},
