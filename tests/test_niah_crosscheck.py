@@ -146,7 +146,7 @@ def test_heldout_study_on_the_embedded_model_matches_independent_implementation(
     root, hay, needle, _, _ = study
     from ctxaware.models import load_model
 
-    model, tok = load_model("embedded")
+    model, tok = load_model("embedded", dtype="float32")
     cfg = NiahConfig(haystack=str(hay), needle=str(needle), lengths="500,1200", depths="0,50,100",
                      modes="chat,chat+prefix", max_new_tokens=24, out=str(root / "embedded"), progress=False)
     run = run_niah(cfg, model=model, tokenizer=tok, model_name="embedded", plot=False)

