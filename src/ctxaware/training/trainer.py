@@ -159,10 +159,18 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class CtxawareSFTTrainer(SFTTrainer):
+        _ctxaware_skip_tokenizer = False  # save_trained writes the tokenizer itself, atomically
+
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
             if not getattr(model, "peft_config", None):
-                return super()._save(output_dir, state_dict)
+                if not self._ctxaware_skip_tokenizer:
+                    return super()._save(output_dir, state_dict)
+                tokenizer, self.processing_class = self.processing_class, None
+                try:
+                    return super()._save(output_dir, state_dict)
+                finally:
+                    self.processing_class = tokenizer
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
                 return None
@@ -172,7 +180,7 @@ def _trainer_class():
                 state_dict = self.model.state_dict()
             model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save,
                                   save_embedding_layers=False)
-            if self.args.should_save and self.processing_class is not None:
+            if self.args.should_save and self.processing_class is not None and not self._ctxaware_skip_tokenizer:
                 self.processing_class.save_pretrained(output_dir)
             return None
 
@@ -250,22 +258,59 @@ def build_trainer(config: TrainConfig, *, model=None, tokenizer=None,
                       num_indicated=num_indicated, base_ref=_base_ref(config.model))
 
 
+def _is_fsdp(trainer) -> bool:
+    return bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+def _save_tokenizer_atomically(tokenizer, out: Path) -> None:
+    """Write the tokenizer files into a temporary directory next to ``out``, fsync, then rename each in."""
+    import shutil
+    import tempfile
+
+    from ..fsio import _fsync_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir()):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(f, out / f.name)
+        _fsync_dir(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_trained(setup: TrainSetup, output_dir: str | os.PathLike | None = None) -> str:
-    """Save the trained model (or adapter), the tokenizer with ``[IND]``, and the recipe used."""
+    """Save the trained model (or adapter), the tokenizer with ``[IND]``, and the recipe used.
+
+    Weights go through ``Trainer.save_model``: under FSDP (whatever its checkpoint state-dict
+    type) the full state dict is gathered from every rank, under DeepSpeed ZeRO-3 the 16-bit
+    weights are consolidated, and only the process with ``args.should_save`` writes. Every
+    process must call this (the gathers are collective). The tokenizer and ``ctxaware_train.yaml``
+    are written by that process only, atomically; all processes return once the files exist.
+    """
+    trainer = setup.trainer
     out = Path(output_dir or str(setup.config.output_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    model = setup.trainer.model
+    main = bool(trainer.args.should_save)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     model.config.use_cache = True
-    peft_configs = getattr(model, "peft_config", None)
-    if peft_configs:
-        for cfg in peft_configs.values():
-            cfg.base_model_name_or_path = setup.base_ref
-        # the [IND] row travels in the adapter (trainable tokens / modules to save); never probe the Hub
-        model.save_pretrained(str(out), save_embedding_layers=False)
-    else:
-        setup.trainer.save_model(str(out))
-    setup.tokenizer.save_pretrained(str(out))
-    setup.config.save(out / CONFIG_FILE)
+    for cfg in (getattr(model, "peft_config", None) or {}).values():
+        cfg.base_model_name_or_path = setup.base_ref
+    if _is_fsdp(trainer):  # a sharded checkpoint type would make save_model write nothing
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer._ctxaware_skip_tokenizer = True
+    try:
+        trainer.save_model(str(out))
+    finally:
+        trainer._ctxaware_skip_tokenizer = False
+    if main:
+        _save_tokenizer_atomically(setup.tokenizer, out)
+        setup.config.save(out / CONFIG_FILE)
+    trainer.accelerator.wait_for_everyone()
     return str(out)
 
 
