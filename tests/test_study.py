@@ -107,3 +107,32 @@ def test_embedded_study_end_to_end(tmp_path):
     text = " ".join(f.text for f in findings(m))
     assert f"(chat+prefix) the model loses the needle in {lost} of 2 cells" in text
     assert run.attention["retrieval_head"]["needle_mass"] > 0.05  # a 135M chat model does have a retrieval head
+
+
+@pytest.mark.slow
+def test_study_qa_through_lm_eval(tiny, tmp_path):
+    """QA variants through lm-eval (slow: lm-eval's generation loop, ~3 min on a loaded 2-core machine)."""
+    from test_harness import write_data
+
+    model, tok = tiny
+    data = write_data(tmp_path / "data")
+    cfg = _cfg(tmp_path / "s", lengths="200", depths="0", qa="squad", qa_limit=2, data_dir=str(data))
+    run = run_study(cfg, model=model, tokenizer=tok, model_name="tiny")
+    assert set(run.qa) == {"chat", "raw", "chat+steer"}
+    for variant, task in (("chat", "ctxaware_squad_no_ind"), ("raw", "ctxaware_squad_no_template")):
+        row = run.qa[variant]["tables"][task]
+        assert row["n"] == 2 and 0.0 <= row["value"] <= 1.0 and row["stderr"] is not None
+    assert run.qa["chat+steer"]["settings"]["alpha"] == 0.5
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "ctxaware_squad_no_template" in page and "standard error" in page
+    import ctxaware.harness.model as hm
+
+    class Boom(hm.CtxawareLM):
+        def __init__(self, *a, **k):
+            raise AssertionError("QA evaluated again")
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(hm, "CtxawareLM", Boom):
+        again = run_study(cfg, model=model, tokenizer=tok, model_name="tiny")
+    assert again.qa == run.qa

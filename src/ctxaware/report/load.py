@@ -84,7 +84,7 @@ class _Collector:
         from ..study.qa import qa_tables
 
         data = _json(path)
-        tables = data.get("tables") or qa_tables(data)
+        tables = qa_tables(data) if data.get("results") else data.get("tables")
         if not tables:
             raise InputError(f"{path}: no QA metrics in it")
         variant = data.get("variant") or path.parent.name

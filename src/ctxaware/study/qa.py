@@ -29,16 +29,19 @@ def qa_tables(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     out = {}
     n_samples = results.get("n-samples", {}) or {}
     for task, metrics in (results.get("results") or {}).items():
-        for key, value in metrics.items():
-            name = key.split(",")[0]
-            if name.endswith("_stderr") or name == "alias" or not isinstance(value, (int, float)):
-                continue
-            stderr = metrics.get(key.replace(name, name + "_stderr", 1))
-            n = (n_samples.get(task) or {}).get("effective")
-            out[task] = {"metric": name, "value": float(value),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "n": int(n) if n is not None else None}
-            break
+        # a metric is a "<name>,<filter>" key with a "<name>_stderr,<filter>" twin (other keys are bookkeeping)
+        keys = [k for k in metrics if "," in k and not k.split(",")[0].endswith("_stderr")
+                and isinstance(metrics[k], (int, float))]
+        keys.sort(key=lambda k: k.replace(k.split(",")[0], k.split(",")[0] + "_stderr", 1) not in metrics)
+        if not keys:
+            continue
+        key = keys[0]
+        name = key.split(",")[0]
+        stderr = metrics.get(key.replace(name, name + "_stderr", 1))
+        n = (n_samples.get(task) or {}).get("effective")
+        out[task] = {"metric": name, "value": float(metrics[key]),
+                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                     "n": int(n) if n is not None else None}
     return out
 
 
