@@ -223,3 +223,37 @@ def test_cli_bad_model_dir_is_one_line_error(tmp_path, capsys):
 def test_cli_bad_option_is_one_line_error(tmp_path, capsys):
     code, err = _cli(["calibrate", "--alphas", "0.5,abc", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "alphas" in err
+
+
+def test_judge_compares_chat_all_heads_and_the_file(tiny, tmp_path):
+    from ctxaware.calibrate.judge import JudgeConfig, judge
+
+    model, tok = tiny
+    model_dir = tmp_path / "model"
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    squad = tmp_path / "squad.jsonl"
+    rows = [{"id": str(i), "title": "t", "context": f"The river Vell is {i} kilometres long. It ends at Brenn.",
+             "question": "How long is the Vell?", "answers": {"text": [f"{i} kilometres"], "answer_start": [16]}}
+            for i in range(3)]
+    squad.write_text("\n".join(json.dumps(r) for r in rows))
+    path = write_steering_file(tmp_path / "steering.yaml", SteeringConfig(alpha=0.3, heads="1:0,2"),
+                               {"model": str(model_dir), "guard": {"margin_nats": 0.05}})
+    result = judge(JudgeConfig(steering=str(path), out=str(tmp_path / "judge"), lengths="400", depths="0,50",
+                               qa=str(squad), qa_examples=3, guard_examples=2, max_new_tokens=3, progress=False))
+    table = result["table"]
+    assert list(table) == ["chat", "chat+all@0.9", "chat+file"]
+    for row in table.values():
+        assert row["niah_cells"] == 2 and row["squad_n"] == 3 and 0 <= row["squad_contains"] <= 1
+    assert table["chat"]["guard_qa_rise"] == 0.0 and table["chat"]["guard_passed"]
+    assert table["chat+file"]["guard_qa_rise"] != table["chat+all@0.9"]["guard_qa_rise"]
+    files = {r["alpha"] for r in read_records_of(tmp_path / "judge" / "niah-file")}
+    assert files == {0.3}
+    assert (tmp_path / "judge" / "judge.md").read_text().count("\n") == 5
+
+
+def read_records_of(directory):
+    from ctxaware.niah import read_records
+
+    return read_records(directory)
