@@ -234,3 +234,38 @@ def test_streaming_client_that_disconnects_frees_its_row(served):
         time.sleep(0.05)
     assert httpx.get(health_url).json()["running"] == 0
     assert _ask(srv, PROMPTS[1], max_tokens=3).choices[0].message.content is not None
+
+
+def test_engine_limits_timeout_queue_and_shutdown(served):
+    """Engine-level limits without HTTP: a request past its deadline gets a 504, a full queue a 503,
+    and stopping the engine answers everything still waiting with a 503."""
+    import time
+
+    from ctxaware.serve import APIError, Generation, ServeEngine
+
+    model, tok, _, _, _ = served
+    rendered = SteeredModel(model, tok).render(PROMPTS[1])
+    events = []
+
+    def gen(**kw):
+        return Generation(list(rendered.input_ids), rendered, 8, lambda k, v: events.append((k, v)), temperature=0,
+                          **kw)
+
+    engine = ServeEngine(model, tok, max_concurrency=1, max_queue=1)
+    engine.submit(gen(deadline=time.monotonic() - 1))
+    with pytest.raises(APIError) as info:  # one free slot + one queue place are taken
+        engine.submit(gen())
+        engine.submit(gen())
+    assert info.value.status == 503 and info.value.code == "queue_full"
+    engine.start()
+    for _ in range(400):
+        if len(events) >= 2 and events[-1][0] != "text":
+            break
+        time.sleep(0.01)
+    engine.stop()
+    finals = [(k, v) for k, v in events if k != "text"]
+    assert finals[0][0] == "error" and finals[0][1].status == 504
+    assert finals[1] == ("done", "length")
+    with pytest.raises(APIError) as info:
+        engine.submit(gen())
+    assert info.value.status == 503 and info.value.code == "shutdown"

@@ -9,10 +9,9 @@ steps. The batch's KV cache is the NIH engine's :class:`~ctxaware.niah.engine.Bu
 preallocated, left-padded buffer with row selection), rebuilt — with the left padding no row needs
 trimmed away — whenever requests join.
 
-Steering per row: every steered row keeps its own emphasis (its user span). Rows steered with
-different (alpha, heads) need ``ctxaware.steering.steer_rows`` to share one forward pass; without
-it the running rows are split into groups of equal steering, decoded one step each in turn, and
-unsteered rows join a steered group with an all-emphasised row (a bias of exactly zero).
+Steering per row: :func:`ctxaware.steering.steer_rows` gives every row of a forward pass its own
+config (alpha, heads, emphasised roles) or none (exactly zero bias), so steered and unsteered
+requests share one batch; each row's emphasis mask covers its own prompt, generated keys get no bias.
 
 Sampling per row: greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling
 from the row's own ``torch.Generator`` (seeded by the request's ``seed``), so a row's tokens do not
@@ -34,17 +33,12 @@ import torch
 
 from ..niah.engine import BufferLayer
 from ..steering.config import SteeringConfig
-from ..steering.context import emphasis_mask, steer
+from ..steering.context import emphasis_mask, steer_rows
 from ..steering.model import greedy_generation_config
 from .protocol import APIError
 
 logger = logging.getLogger(__name__)
-
-try:  # engineer A's per-row steering; group rows by steering until it exists
-    from ..steering import steer_rows  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the tree
-    steer_rows = None
-
+BATCH = "running"  # the one running batch (the engine keeps batches in a dict keyed by name)
 
 @dataclass(eq=False)
 class Generation:
@@ -76,13 +70,6 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return len(self.tokens)
-
-
-def steering_key(config: SteeringConfig | None, dims: tuple[int, int]) -> Any:
-    if config is None:
-        return None
-    heads = config.resolve_heads(*dims)
-    return (config.alpha, config.compounding, tuple(sorted((k, tuple(v) if v else v) for k, v in heads.items())))
 
 
 class ServeEngine:
@@ -178,14 +165,6 @@ class ServeEngine:
             except queue.Empty:
                 break
 
-    def _group_for(self, gen: Generation) -> Any:
-        if steer_rows is not None:
-            return "all"
-        key = steering_key(gen.steering, self.dims)
-        if key is None and self.groups:  # unsteered rows ride along with zero bias
-            return max(self.groups, key=lambda k: len(self.groups[k]))
-        return key
-
     def _admit(self) -> None:
         joining: dict[Any, list[tuple[Generation, list]]] = {}
         while self.running + sum(len(v) for v in joining.values()) < self.max_concurrency:
@@ -203,19 +182,14 @@ class ServeEngine:
                                                  type="server_error", code="internal_error"))
                 continue
             if self._push(gen, logits):
-                joining.setdefault(self._group_for(gen), []).append((gen, kv))
+                joining.setdefault(BATCH, []).append((gen, kv))
         for key, new in joining.items():
             self._rebuild(key, new)
 
     def _steering_ctx(self, rows: list[Generation], emphasis: Any) -> Any:
-        if steer_rows is not None:
-            if all(g.steering is None for g in rows):
-                return contextlib.nullcontext()
-            return steer_rows(self.model, [g.steering for g in rows], emphasis)
-        config = next((g.steering for g in rows if g.steering is not None), None)
-        if config is None:
+        if all(g.steering is None for g in rows):
             return contextlib.nullcontext()
-        return steer(self.model, config, emphasis)
+        return steer_rows(self.model, [g.steering for g in rows], emphasis)
 
     def _prefill(self, gen: Generation) -> tuple[list, torch.Tensor]:
         from transformers import DynamicCache
