@@ -1,4 +1,4 @@
-"""Multi-process training saves: a real 2-process ``accelerate launch`` (CPU, gloo) for DDP and FSDP.
+"""Multi-process training saves: a real 2-process ``accelerate launch`` for DDP (CPU, gloo) and FSDP (2 GPUs).
 
 Each run trains a tiny random Llama with LoRA and the ``[IND]`` trainable token for a few steps,
 saves through :func:`ctxaware.training.trainer.save_trained`, and is reloaded with
@@ -23,7 +23,8 @@ import pytest
 STEPS = 3
 BATCH = 4  # conversations per optimiser step, all processes together
 
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+FSDP_CONFIG = """# FSDP2 over 2 GPUs, checkpoints sharded: save_trained must still write one full adapter
+compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
 fsdp_config:
   fsdp_version: 2
@@ -54,7 +55,8 @@ def _conversations() -> list[list[dict]]:
 def _config(out: str, base: str, per_device: int):
     from ctxaware.training.config import TrainConfig
 
-    return TrainConfig(model=base, output_dir=out, cpu=True, progress=False, max_length=128, learning_rate=1e-2,
+    cpu = os.environ.get("CTXAWARE_MP_DEVICE", "cpu") == "cpu"
+    return TrainConfig(model=base, output_dir=out, cpu=cpu, progress=False, max_length=128, learning_rate=1e-2,
                        per_device_train_batch_size=per_device, max_steps=STEPS, logging_steps=1, save_steps=1000,
                        warmup_ratio=0.0, lr_scheduler_type="constant", lora_r=4, lora_alpha=8, lora_dropout=0.0,
                        lora_target_modules="q_proj,v_proj", seed=7, sft={"optim": "adamw_torch"})
@@ -125,8 +127,8 @@ def base(tmp_path_factory):
     return path
 
 
-def _launch(out: Path, base: Path, *launch_args: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+def _launch(out: Path, base: Path, *launch_args: str, device: str = "cpu") -> dict:
+    env = {**os.environ, "CTXAWARE_MP_DEVICE": device, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--main_process_port", str(_free_port()),
            __file__, str(out), str(base)]
@@ -161,12 +163,18 @@ def test_two_processes_save_what_one_process_trains(mode, base, single, tmp_path
     # `--cpu` would make accelerate start one process; torchrun's launcher with use_cpu=True in the
     # training arguments (TrainConfig.cpu) gives two CPU processes on the gloo backend instead
     args = ["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"]
+    device = "cpu"
     if mode == "fsdp":
+        # accelerate makes FSDP its distributed type only over accelerator process groups (AcceleratorState:
+        # MULTI_CPU is never promoted to FSDP), so on CPU processes an FSDP config silently runs DDP
+        if torch.cuda.device_count() < 2:
+            pytest.skip("accelerate runs FSDP only on accelerator devices, and this machine has fewer than 2 GPUs")
+        device = "cuda"
         cfg = tmp_path / "fsdp.yaml"
         cfg.write_text(FSDP_CONFIG)
         args = ["--config_file", str(cfg)]
     out = tmp_path / mode
-    two = _launch(out, base, *args)
+    two = _launch(out, base, *args, device=device)
     single_out, one = single
     assert two["world"] == 2 and one["world"] == 1
     assert two["fsdp"] == (mode == "fsdp") and two["type"].endswith("FSDP" if mode == "fsdp" else "MULTI_CPU")
