@@ -161,3 +161,18 @@ def test_cli_report_one_line_errors(tmp_path, capsys):
     assert main(["report", str(d), "--out", str(tmp_path / "r.html")]) == 0
     out = capsys.readouterr().out
     assert "model-a" in out and "wrote" in out and (tmp_path / "r.html").is_file()
+
+
+def test_niah_command_in_provenance_reproduces_the_config():
+    import shlex
+
+    from ctxaware.cli.main import build_parser
+    from ctxaware.cli.options import config_from_args
+    from ctxaware.niah import NiahConfig
+    from ctxaware.report.load import niah_command
+
+    cfg = NiahConfig(lengths="1000,3000", depths="0,12.5", modes="raw,chat+steer", alpha=0.5, system_message=False,
+                     needle="pizza", out="runs/x")
+    cmd = niah_command(cfg.to_dict(), Path("runs/x"))
+    args = build_parser().parse_args(shlex.split(cmd)[1:])
+    assert config_from_args(NiahConfig, args).to_dict() == cfg.to_dict()

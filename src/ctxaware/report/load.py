@@ -41,6 +41,26 @@ class ModelResults:
         return list(dict.fromkeys(r["mode"] for r in self.niah))
 
 
+def niah_command(config: dict[str, Any], out: Path) -> str:
+    """The ``ctxaware niah`` command line that reproduces a NIH directory from its manifest's config."""
+    import shlex
+
+    from ..niah.config import NiahConfig
+
+    defaults = NiahConfig().to_dict()
+    parts = ["ctxaware niah"]
+    for k, v in config.items():
+        if k in ("out", "progress", "overwrite") or v == defaults.get(k) or v is None:
+            continue
+        if isinstance(v, bool):
+            parts.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+            continue
+        if isinstance(v, list):
+            v = ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+        parts.append(f"--{k.replace('_', '-')} {shlex.quote(str(v))}")
+    return " ".join(parts + [f"--out {shlex.quote(str(out))}"])
+
+
 def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -69,6 +89,8 @@ class _Collector:
         m.niah_dirs.append(d)
         m.niah_config = manifest.get("config") or manifest.get("study") or m.niah_config
         m.versions = manifest.get("versions") or m.versions
+        if manifest.get("config"):
+            m.commands.setdefault("niah", niah_command(manifest["config"], d))
         m.sources.append(str(d))
         return model
 
