@@ -155,7 +155,10 @@ def _char_spans(tokenizer: Any, messages: list[dict[str, str]], text: str, rende
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         content = m["content"]
-        sentinel = next(s for s in _SENTINELS if s not in content and s not in text)
+        sentinel = next((s for s in _SENTINELS if s not in content and s not in text), None)
+        if sentinel is None:
+            raise InputError(f"message {i} ({m['role']}) contains both private-use marker sequences "
+                             f"{_SENTINELS[0]!r} and {_SENTINELS[1]!r} that span finding relies on; remove them")
         variant_msgs = [dict(x) for x in messages]
         variant_msgs[i]["content"] = sentinel
         variant = _apply(tokenizer, variant_msgs, **render_kwargs)

@@ -153,6 +153,8 @@ def score_dataset(model, tokenizer, source: str | Path, out: str | Path, config:
         summary.complete = True
         return summary
     rows = read_rows(source, split=split)
+    if not rows:
+        raise InputError(f"{source}: no rows to score (empty file or dataset); check the input")
     mine = [i for i in range(len(rows)) if i % count == index]
     scorer = Scorer(model, tokenizer, config)
     summary.layer = scorer.layer
