@@ -105,7 +105,8 @@ def create_app(engine: ServeEngine, model_name: str, config: ServeConfig | None 
             except CtxawareError as exc:
                 raise APIError(f"ctxaware.heads: {exc}", param="ctxaware.heads", code="invalid_value") from None
         try:
-            rendered = chat.render(req.messages)
+            with engine.tokenizer_lock:
+                rendered = chat.render(req.messages)
         except CtxawareError as exc:
             raise APIError(f"messages: {exc}", param="messages", code="invalid_value") from None
         n = len(rendered.input_ids)

@@ -92,6 +92,9 @@ class ServeEngine:
         self.waiting: queue.Queue[Generation] = queue.Queue()
         self.groups: dict[Any, list[Generation]] = {}
         self.buffers: dict[Any, Any] = {}  # group -> (Cache, length)
+        # a fast tokenizer may refuse concurrent use ("Already borrowed"): rendering (HTTP threads) and
+        # decoding (scheduler) take turns
+        self.tokenizer_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -290,7 +293,8 @@ class ServeEngine:
         if token in self.eos:
             self._finish(gen, "stop")
             return False
-        text = self.tokenizer.decode([t for t in gen.tokens if t not in self.eos], skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode([t for t in gen.tokens if t not in self.eos], skip_special_tokens=True)
         for s in gen.stop:
             pos = text.find(s)
             if pos >= 0:
