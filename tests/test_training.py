@@ -295,3 +295,26 @@ def test_embedded_lora_with_indicator_reloads_and_chats(tmp_path):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert reply.strip() and INDICATOR not in reply
+
+
+def test_refuses_indicator_training_on_data_without_ind_unless_allowed(tmp_path, model_dir, capsys):
+    from ctxaware.cli.main import main
+    from ctxaware.training.conditions import strip_indicator
+
+    plain = [strip_indicator(c) for c in CHATS]
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in plain), encoding="utf-8")
+    argv = ["train", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(tmp_path / "o"),
+            "--max-steps", "1", "--cpu", "--no-progress", "--max-length", "128", "--sft-arg", "optim=adamw_torch"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "0 of 4 user turns carry [IND]" in err and "--allow-no-indicator" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match="0 of 4 user turns"):
+        build_trainer(_fast(tmp_path, max_steps=1), model=make_model(len(make_tokenizer())),
+                      tokenizer=make_tokenizer(), conversations=plain)
+    setup = build_trainer(_fast(tmp_path, max_steps=1, allow_no_indicator=True),
+                          model=make_model(len(make_tokenizer())), tokenizer=make_tokenizer(), conversations=plain)
+    assert setup.num_indicated == 0 and setup.indicator_id is None
+    assert build_trainer(_fast(tmp_path, max_steps=1, indicator=False), model=make_model(len(make_tokenizer())),
+                         tokenizer=make_tokenizer(), conversations=plain).num_indicated == 0

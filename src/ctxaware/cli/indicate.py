@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True, metavar="SCORED",
                         help="scored dataset (.jsonl/.json/.parquet/datasets dir) with a ctx_scores column")
     parser.add_argument("--out", required=True, metavar="LABELLED", help="output .jsonl/.json/.parquet")
-    parser.add_argument("--threshold", default="0.6", metavar="BETA|auto",
+    parser.add_argument("--threshold", default=None, metavar="BETA|auto",
                         help="label a user turn when its response's score is strictly above this (default: 0.6); "
                         "'auto': the β that labels the paper's fraction for the dataset kind")
     parser.add_argument("--target-fraction", type=float, default=None, metavar="F",
@@ -48,7 +48,7 @@ def _rule(args: argparse.Namespace, rows: list[dict], score_lists: list) -> dict
 
     auto = str(args.threshold).strip().lower() == "auto"
     if args.target_fraction is not None:
-        if auto or str(args.threshold) != "0.6":
+        if args.threshold is not None:
             raise ConfigError("pass either --threshold or --target-fraction, not both")
         sel = top_fraction_labels(score_lists, args.target_fraction)
         return {"rule": "target-fraction", "beta": sel.beta, "labels": sel.labels, "target": args.target_fraction,
@@ -62,7 +62,7 @@ def _rule(args: argparse.Namespace, rows: list[dict], score_lists: list) -> dict
         return {"rule": "auto", "beta": threshold_for_fraction(score_lists, target), "labels": None,
                 "target": target, "kind": kind}
     try:
-        beta = float(args.threshold)
+        beta = 0.6 if args.threshold is None else float(args.threshold)
     except ValueError:
         raise ConfigError(f"--threshold must be a number or 'auto', got {args.threshold!r}") from None
     if math.isnan(beta):

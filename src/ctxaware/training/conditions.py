@@ -15,7 +15,7 @@ from ..scoring import INDICATOR, strip_indicator
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INDICATOR", "strip_indicator", "has_indicator", "count_indicated", "prepare_conversations",
+__all__ = ["INDICATOR", "strip_indicator", "has_indicator", "count_indicated", "count_indicated_turns", "prepare_conversations",
            "indicator_token_id", "add_indicator_token"]
 
 
@@ -27,6 +27,18 @@ def has_indicator(messages: list[dict[str, Any]], indicator: str = INDICATOR) ->
 def count_indicated(conversations: Iterable[list[dict[str, Any]]], indicator: str = INDICATOR) -> int:
     """Number of conversations with at least one indicated user turn."""
     return sum(has_indicator(c, indicator) for c in conversations)
+
+
+def count_indicated_turns(conversations: Iterable[list[dict[str, Any]]],
+                          indicator: str = INDICATOR) -> tuple[int, int]:
+    """(user turns that contain ``indicator``, all user turns) over ``conversations``."""
+    marked = total = 0
+    for c in conversations:
+        for m in c:
+            if m.get("role") == "user":
+                total += 1
+                marked += indicator in str(m.get("content", ""))
+    return marked, total
 
 
 def prepare_conversations(conversations: list[list[dict[str, Any]]], *, indicator: bool) -> list[list[dict]]:

@@ -51,6 +51,8 @@ class TrainConfig(ConfigMixin):
                             "(the vanilla baseline of the same recipe)")
     add_indicator_token: bool | None = field(None, help="add [IND] as one special token (default: when the "
                                              "training data contains it)")
+    allow_no_indicator: bool = field(False, help="train with the indicator on even when no user turn of the "
+                                     "data carries [IND] (default: refuse; label it with `ctxaware indicate`)")
     indicator_training: str = field("tokens", choices=INDICATOR_TRAINING,
                                     help="under LoRA, how the [IND] embedding is trained: 'tokens' (only its "
                                     "rows), 'embeddings' (whole embedding matrices saved), 'none' (frozen, "

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, MissingDependencyError, require
-from .conditions import add_indicator_token, count_indicated, indicator_token_id, prepare_conversations
+from ..errors import ConfigError, InputError, MissingDependencyError, require
+from .conditions import (add_indicator_token, count_indicated, count_indicated_turns, indicator_token_id,
+                         prepare_conversations)
 from .config import TrainConfig
 from .data import TrainingData, build_dataset, end_of_turn_ids, load_conversations, resolve_chat_template
 
@@ -235,6 +236,12 @@ def build_trainer(config: TrainConfig, *, model=None, tokenizer=None,
     elif config.max_examples:
         conversations = conversations[: config.max_examples]
     num_indicated = count_indicated(conversations)
+    if config.indicator and num_indicated == 0 and not config.allow_no_indicator:
+        marked, turns = count_indicated_turns(conversations)
+        where = config.dataset or "the training data"
+        raise InputError(f"{where}: {marked} of {turns} user turns carry [IND], so conditional training would "
+                         "be vanilla; label it (ctxaware indicate --target-fraction 0.1), pass --no-indicator "
+                         "for the vanilla baseline, or --allow-no-indicator to train anyway")
     conversations = prepare_conversations(conversations, indicator=config.indicator)
     want_token = config.add_indicator_token
     if want_token is None:
