@@ -136,3 +136,17 @@ def test_study_qa_through_lm_eval(tiny, tmp_path):
     with unittest.mock.patch.object(hm, "CtxawareLM", Boom):
         again = run_study(cfg, model=model, tokenizer=tok, model_name="tiny")
     assert again.qa == run.qa
+
+
+def test_steering_file_in_the_study_directory_is_used(tmp_path):
+    from ctxaware.steering import SteeringConfig
+    from ctxaware.steering.file import write_steering_file
+
+    assert StudyConfig(out=str(tmp_path)).steering is None
+    write_steering_file(tmp_path / "steering.yaml", SteeringConfig(alpha=0.6, heads="0"))
+    cfg = StudyConfig(out=str(tmp_path))
+    assert cfg.steering == str(tmp_path / "steering.yaml")
+    from ctxaware.niah.runner import steering_config
+
+    steer = steering_config(cfg.niah_config())
+    assert (steer.alpha, steer.heads) == (0.6, "0")

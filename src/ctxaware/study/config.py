@@ -11,6 +11,7 @@ takes about 45 % of the time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigMixin, field
@@ -34,7 +35,7 @@ class StudyConfig(ConfigMixin):
     modes: Any = field(STUDY_MODES, metavar="M1,M2,...", help="NIH modes (see ctxaware niah --help)")
     steering: str | None = field(None, metavar="FILE",
                                  help="steering file (ctxaware calibrate) for +steer modes and steered QA; "
-                                      "replaces --alpha/--heads")
+                                      "replaces --alpha/--heads (default: DIR/steering.yaml when it exists)")
     alpha: float = field(0.9, help="steering strength of +steer modes when no --steering file is given, in (0, 1]")
     heads: str = field("all", metavar="SPEC", help="steered heads when no --steering file is given")
     max_new_tokens: int = field(40, help="greedy decoding budget per NIH answer")
@@ -66,6 +67,8 @@ class StudyConfig(ConfigMixin):
             raise ConfigError(f"attention_depths must be numbers, got {self.attention_depths!r}") from None
         if not self.attention_depths or any(not 0 <= d <= 100 for d in self.attention_depths):
             raise ConfigError(f"attention_depths must be percentages in [0, 100], got {self.attention_depths}")
+        if not self.steering and (Path(self.out) / "steering.yaml").is_file():
+            self.steering = str(Path(self.out) / "steering.yaml")  # ctxaware calibrate --out DIR wrote one
         self.niah_config()  # validates grid, modes, α, heads now rather than after loading the model
 
     def niah_config(self) -> NiahConfig:
