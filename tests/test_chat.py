@@ -416,3 +416,46 @@ def test_spans_cli_flags_the_boundary_token_and_shows_exact_text(tmp_path, capsy
     data = json.loads(capsys.readouterr().out)
     assert [s["text"] for s in data["spans"]] == ["Hi.", "Sure."]
     assert [x["text"] for x in data["straddling"]] == [".<", ".<"]
+
+
+@pytest.mark.parametrize("who", ["bing", "chatgpt", "bard", "model", "GPT", " gpt "])
+def test_one_role_map_for_every_reader(tmp_path, who):
+    """spans/chat (load_messages), score/indicate (row_messages) and train (load_conversations) read
+    a conversation the same way: same aliases accepted, same rows refused with the same reason."""
+    from ctxaware.scoring import RowError, row_messages
+    from ctxaware.training.data import load_conversations as train_conversations
+
+    conv = [{"from": "Human", "value": "Hi"},
+            {"from": who, "value": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
+    expected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (tmp_path / "c.json").write_text(json.dumps({"conversations": conv}), encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"conversations": conv}) + "\n", encoding="utf-8")
+    assert load_messages(tmp_path / "c.json") == expected
+    assert row_messages({"conversations": conv}) == expected
+    assert train_conversations(str(tmp_path / "d.jsonl")) == [expected]
+    assert validate_messages({"messages": [{"role": who, "content": "x"}]}) == [{"role": "assistant", "content": "x"}]
+
+    bad = [{"from": "human", "value": "Hi"}, {"from": "narrator", "value": "x"}]
+    (tmp_path / "bad.json").write_text(json.dumps({"conversations": bad}), encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"conversations": bad}) + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match="message 1 field 'from': unknown_role:narrator"):
+        load_messages(tmp_path / "bad.json")
+    with pytest.raises(RowError) as exc:
+        row_messages({"conversations": bad})
+    assert exc.value.reason == "unknown_role:narrator"
+    with pytest.raises(InputError, match="row 0: unknown_role:narrator"):
+        train_conversations(str(tmp_path / "bad.jsonl"))
+
+
+def test_messages_file_encodings(tmp_path):
+    msgs = [{"role": "user", "content": "Ça va?"}]
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(msgs).encode())
+    assert load_messages(tmp_path / "bom.json") == msgs
+    (tmp_path / "bad.json").write_bytes(b'[{"role": "user", "content": "\xff"}]')
+    with pytest.raises(InputError, match=r"bad.json: invalid UTF-8 at byte 30 \(line 1\)"):
+        load_messages(tmp_path / "bad.json")
+    (tmp_path / "nan.json").write_text('[{"role": "user", "content": NaN}]')
+    with pytest.raises(InputError, match="nan.json: message 0 field 'content': non_string_content.*NaN"):
+        load_messages(tmp_path / "nan.json")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in msgs * 2))
+    assert load_messages(tmp_path / "m.jsonl") == msgs * 2
