@@ -84,6 +84,9 @@ class TrainConfig(ConfigMixin):
                        "(with bf16 mixed precision) on GPU")
     gradient_checkpointing: bool | None = field(None, help="recompute activations (default: on GPU only)")
     cpu: bool = field(False, help="train on CPU even when a GPU is visible")
+    attn_implementation: str | None = field(None, metavar="NAME", help="attention implementation: sdpa, eager, "
+                                            "flex_attention, flash_attention_2, ... (default: the model's own; "
+                                            "the same option as every other command that loads a model)")
     logging_steps: int = field(10, help="log every N steps")
     save_steps: int = field(500, help="save a checkpoint every N steps")
     save_total_limit: int | None = field(2, help="keep at most N checkpoints")

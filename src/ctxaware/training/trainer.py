@@ -85,7 +85,9 @@ def _load(config: TrainConfig, on_gpu: bool):
 
     dtype = _weights_dtype(config, on_gpu)
     if config.method != "qlora":
-        return tuple(load_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code))
+        # loaded on the CPU: the Trainer (or accelerate, one device per process) places it
+        return tuple(load_model(config.model, dtype=dtype, device="cpu", attn_implementation=config.attn_implementation,
+                                trust_remote_code=config.trust_remote_code))
     if not on_gpu:
         raise ConfigError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); on CPU use method: lora")
     require("bitsandbytes", "qlora")
@@ -96,8 +98,9 @@ def _load(config: TrainConfig, on_gpu: bool):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     path = resolve_model_path(config.model)
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
-                                                 trust_remote_code=config.trust_remote_code)
+                                                 trust_remote_code=config.trust_remote_code, **extra)
     checkpointing = on_gpu if config.gradient_checkpointing is None else config.gradient_checkpointing
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     return model, load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
