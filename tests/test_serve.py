@@ -269,3 +269,40 @@ def test_engine_limits_timeout_queue_and_shutdown(served):
     with pytest.raises(APIError) as info:
         engine.submit(gen())
     assert info.value.status == 503 and info.value.code == "shutdown"
+
+
+def test_text_held_back_for_stop_strings_is_sent_when_the_reply_ends(served):
+    """With a stop string that never occurs, the last characters are held back at each step; they
+    must still be sent when the row ends at an end-of-sequence token."""
+    import threading
+
+    from ctxaware.serve import Generation, ServeEngine
+
+    model, tok, _, _, _ = served
+    rendered = SteeredModel(model, tok).render(PROMPTS[0])
+    engine = ServeEngine(model, tok)
+    tokens = []
+
+    def run(stop):
+        pieces, done = [], threading.Event()
+
+        def sink(kind, value):
+            pieces.append(value) if kind == "text" else done.set()
+
+        g = Generation(list(rendered.input_ids), rendered, 10, sink, temperature=0, stop=stop)
+        engine.submit(g)
+        engine.start()
+        assert done.wait(60)
+        tokens[:] = g.tokens
+        return "".join(pieces), g
+
+    full, _ = run([])
+    assert len(tokens) == 10
+    engine.stop()
+    k = next(i for i in range(3, 10) if tokens[i] not in tokens[:i])  # a token new to the reply
+    engine = ServeEngine(model, tok)
+    engine.eos = engine.eos | {tokens[k]}  # the same reply now ends at its (k+1)-th token
+    cut, g = run(["\x00never\x00"])
+    engine.stop()
+    assert g.tokens == tokens[:k + 1]
+    assert cut == tok.decode(tokens[:k], skip_special_tokens=True) and full.startswith(cut) and cut

@@ -290,20 +290,16 @@ class ServeEngine:
             return False
         token = self._sample(gen, logits)
         gen.tokens.append(token)
-        if token in self.eos:
-            self._finish(gen, "stop")
-            return False
         with self.tokenizer_lock:
             text = self.tokenizer.decode([t for t in gen.tokens if t not in self.eos], skip_special_tokens=True)
-        for s in gen.stop:
-            pos = text.find(s)
-            if pos >= 0:
-                self._emit(gen, text[:pos], final=True)
-                self._finish(gen, "stop")
-                return False
-        if len(gen.tokens) >= gen.max_tokens:
+        hits = [p for p in (text.find(s) for s in gen.stop) if p >= 0]
+        if hits:  # cut before the earliest stop string
+            self._emit(gen, text[:min(hits)], final=True)
+            self._finish(gen, "stop")
+            return False
+        if token in self.eos or len(gen.tokens) >= gen.max_tokens:  # held-back text goes out too
             self._emit(gen, text, final=True)
-            self._finish(gen, "length")
+            self._finish(gen, "stop" if token in self.eos else "length")
             return False
         self._emit(gen, text)
         return True
