@@ -17,7 +17,6 @@ HELP = "per-layer share of attention on each role, with or without the chat temp
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", required=True, metavar="FILE",
                         help="JSON file: a list of {role, content} or {\"messages\": [...]}")
-    parser.add_argument("--model", help="HF id, local dir or .gguf (default: embedded)")
     parser.add_argument("--queries", choices=("last", "assistant"), default="last",
                         help="query tokens: the last prompt token (with the generation prompt when the chat "
                              "ends with a user turn) or every assistant turn's tokens (default: last)")
@@ -26,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure the same content without the chat template")
     parser.add_argument("--json", action="store_true", help="print the shares as JSON")
     parser.add_argument("--plot", metavar="OUT.png", help="save a line plot per role across layers")
+    from .options import add_model_options
+
+    add_model_options(parser)
 
 
 def _parse_layers(spec: str | None) -> list[int] | None:
@@ -47,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from ..chat import load_messages
     from ..measure import role_shares
     from ..models import load_model
+    from .options import model_kwargs
 
     messages = load_messages(args.messages)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, **model_kwargs(args))
     result = role_shares(model, tokenizer, messages, queries=args.queries, layers=_parse_layers(args.layers),
                          compare_template=args.compare_template)
     if args.plot:

@@ -27,12 +27,14 @@ examples:
   ctxaware chat "Hi"
   ctxaware chat "Hi" --alpha 0.9 --heads 0-11
   ctxaware chat --messages chat.json --alpha 0.5 --emphasis last_user --json
+  ctxaware chat "Hi" --steering runs/calib/steering.yaml --device cuda --dtype bfloat16
+  ctxaware chat "The capital of France is" --model BASE_DIR --no-template
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..steering.config import SteeringConfig
-    from .options import add_config_options
+    from .options import add_config_options, add_model_options
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -40,15 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "--messages is not given)")
     parser.add_argument("--messages", metavar="FILE", help="a JSON conversation (list of {role, content}) "
                         "to continue instead of a single message")
-    parser.add_argument("--model", help="HF id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--system", help="system prompt (default: none; the template may insert its own)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="maximum tokens to generate (default: 256)")
     parser.add_argument("--json", action="store_true", help='print {"reply": ...} as JSON')
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="model dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument("--template-file", metavar="FILE", help="a Jinja chat template to render with instead "
+                          "of the tokenizer's own (e.g. for a base model without one)")
+    template.add_argument("--no-template", action="store_true", help="no chat template: the message contents "
+                          "joined by newlines as a raw text prompt (base models; the paper's no-template case)")
+    add_model_options(parser)
     group = parser.add_argument_group("steering (off unless one of these options is given; then --alpha "
                                       "defaults to 0.95)")
+    group.add_argument("--steering", metavar="FILE", help="a steering file (ctxaware calibrate writes one); "
+                       "--config and the options below override its fields")
     group.add_argument("--config", metavar="FILE", help="steering config as YAML/JSON (SteeringConfig fields)")
     add_config_options(group, SteeringConfig)
 
@@ -71,19 +77,39 @@ def _messages(args: argparse.Namespace) -> list[dict]:
     return validate_messages(messages)
 
 
+def _template(path: str | None) -> str | None:
+    if not path:
+        return None
+    from pathlib import Path
+
+    from ..errors import InputFileNotFoundError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileNotFoundError(f"--template-file {path!r} not found; pass a Jinja chat template file")
+    return p.read_text(encoding="utf-8")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     messages = _messages(args)
     from ..models import load_model
     from ..steering import SteeredModel, SteeringConfig
-    from .options import config_from_args
+    from .options import config_from_args, model_kwargs, steering_base
 
     steering = None
-    if args.config or any(getattr(args, name, None) is not None for name in SteeringConfig.field_names()):
-        steering = config_from_args(SteeringConfig, args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    reply = SteeredModel(model, tokenizer, steering).chat(messages, max_new_tokens=args.max_new_tokens)
+    if args.steering or args.config or any(getattr(args, n, None) is not None for n in SteeringConfig.field_names()):
+        steering = config_from_args(SteeringConfig, args, base=steering_base(args.steering))
+    template = _template(args.template_file)
+    model, tokenizer = load_model(args.model, **model_kwargs(args))
+    steered = SteeredModel(model, tokenizer, steering, chat_template=template)
+    if args.no_template:
+        from ..measure.plain import render_plain
+
+        reply = steered.generate_rendered([render_plain(tokenizer, messages)], max_new_tokens=args.max_new_tokens)[0]
+    else:
+        reply = steered.chat(messages, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps({"reply": reply}, ensure_ascii=False))
     else:

@@ -19,11 +19,10 @@ HELP = "contextual QA (SQuAD/QuAC/DROP) through lm-eval, with steering and the c
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..steering.config import SteeringConfig
-    from .options import add_config_options
+    from .options import add_config_options, add_model_options
 
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names, e.g. "
                         "ctxaware_squad (= _ind, _no_ind, _no_template), ctxaware_drop_ind, ctxaware_qa")
-    parser.add_argument("--model", help="HF id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--data-dir", metavar="DIR", help="local data folder (squad/quac/drop files, see docs/eval.md); "
                         "default: $CTXAWARE_DATA_DIR, else the Hugging Face hub")
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions of each task")
@@ -33,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default="task", choices=("task", "on", "off"),
                         help="'task' (default): as each task says (_no_template tasks without); on/off: force it")
     parser.add_argument("--include-path", metavar="DIR", help="extra folder of lm-eval task YAMLs")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="model dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="random seed handed to lm-eval (default: 0)")
-    group = parser.add_argument_group("steering (off unless --alpha or --config is given)")
+    add_model_options(parser)
+    group = parser.add_argument_group("steering (off unless --alpha, --steering or --config is given)")
+    group.add_argument("--steering", metavar="FILE", help="a steering file (ctxaware calibrate writes one); "
+                       "--config and the options below override its fields")
     group.add_argument("--config", metavar="FILE", help="steering config as YAML/JSON (SteeringConfig fields)")
     add_config_options(group, SteeringConfig)
 
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ..harness import task_manager
     from ..harness.data import resolve_data_dir
     from ..steering.config import SteeringConfig
-    from .options import config_from_args
+    from .options import config_from_args, steering_base
 
     if not getattr(args, "debug", False):  # lm-eval warns about every custom-dataset task; keep errors only
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -109,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
         tm = task_manager(**tm_kwargs)  # an lm-eval task (or a typo), looked up in lm-eval's full index
     tasks = _task_names(args.tasks, tm)
     steering = SteeringConfig(alpha=1.0)
-    if args.alpha is not None or args.config:
-        steering = config_from_args(SteeringConfig, args)
+    if args.alpha is not None or args.config or args.steering:
+        steering = config_from_args(SteeringConfig, args, base=steering_base(args.steering))
     from ..harness.model import CtxawareLM
 
     lm = CtxawareLM(pretrained=args.model, alpha=steering.alpha, heads=steering.heads, emphasis=steering.emphasis,
                     compounding=steering.compounding, chat_template=args.chat_template, dtype=args.dtype,
-                    device=args.device, batch_size=args.batch_size)
+                    device=args.device, device_map=args.device_map, attn_implementation=args.attn_implementation,
+                    trust_remote_code=args.trust_remote_code, batch_size=args.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, log_samples=args.log_samples,
                                       task_manager=tm, random_seed=args.seed, numpy_random_seed=args.seed,
                                       torch_random_seed=args.seed, fewshot_random_seed=args.seed)

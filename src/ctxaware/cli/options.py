@@ -73,3 +73,52 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, base: dict[str, 
     if unknown:
         raise ConfigError(f"unknown option(s) for {cls.__name__} in {config_file or 'config'}: {', '.join(unknown)}")
     return cls(**values)
+
+
+MODEL_OPTIONS = ("model", "device", "dtype", "device_map", "attn_implementation", "trust_remote_code")
+
+
+def add_model_options(parser: argparse.ArgumentParser | Any, *, tokenizer_only: bool = False,
+                      model_help: str | None = None) -> None:
+    """The one set of model options every command that loads a model shares (same names and defaults):
+    ``--model``, ``--device``, ``--dtype``, ``--device-map``, ``--attn-implementation``,
+    ``--trust-remote-code``; ``tokenizer_only`` keeps ``--model`` and ``--trust-remote-code``."""
+    from ..models import _DTYPES
+
+    group = parser.add_argument_group("model") if hasattr(parser, "add_argument_group") else parser
+    group.add_argument("--model", default=None, help=model_help or "HF id, local directory or .gguf file "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--trust-remote-code", action="store_true", default=False,
+                       help="run the model repository's own Python code (off by default)")
+    if tokenizer_only:
+        return
+    group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1, mps "
+                       "(default: cuda, then mps, when present; else cpu)")
+    group.add_argument("--dtype", default="auto", choices=_DTYPES,
+                       help="weights dtype; auto = bfloat16 where the hardware computes it fast (CUDA GPUs "
+                            "with bf16, CPUs with AMX/AVX512-BF16), else float32 (default: auto; float32 for "
+                            "exact comparisons)")
+    group.add_argument("--device-map", default=None, metavar="MAP",
+                       help="place layers across devices through accelerate: auto, balanced, sequential or a "
+                            "JSON object {module: device}, for models larger than one device (default: none)")
+    group.add_argument("--attn-implementation", default=None, metavar="NAME",
+                       help="attention implementation: sdpa, eager, flex_attention, flash_attention_2, ... "
+                            "(default: the model's own; Gemma-2 gets eager)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model`` keyword arguments (without the name) from :func:`add_model_options` options."""
+    out: dict[str, Any] = {"trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
+    for name in ("device", "dtype", "device_map", "attn_implementation"):
+        if hasattr(args, name):
+            out[name] = getattr(args, name)
+    return out
+
+
+def steering_base(path: str | None) -> dict[str, Any] | None:
+    """The SteeringConfig fields of a ``--steering FILE`` (the base that other options override)."""
+    if not path:
+        return None
+    from ..steering.file import load_steering_file
+
+    return load_steering_file(path).to_dict()

@@ -23,31 +23,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(rows with 'messages' or ShareGPT 'conversations')")
     parser.add_argument("--out", required=True, metavar="OUT",
                         help="output .jsonl/.json/.parquet (with --merge: the merged file to write)")
-    parser.add_argument("--model", help="probe model: HF id, local dir or .gguf (default: embedded)")
     parser.add_argument("--split", default="train", help="split of a datasets input (default: train)")
     parser.add_argument("--shard", metavar="I/N", help="score only rows with index %% N == I and write "
                         "OUT.shard-I-of-N.EXT (default under accelerate/torchrun: RANK/WORLD_SIZE)")
     parser.add_argument("--merge", action="store_true", help="join OUT.shard-*-of-N.EXT into OUT and exit")
     parser.add_argument("--overwrite", action="store_true", help="start again even if OUT or a partial run exists")
-    parser.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="model dtype (default: float32)")
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of scoring options")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_config_options(parser, ScoringConfig)
+    from .options import add_model_options
+
+    add_model_options(parser, model_help="probe model: HF id, local dir or .gguf (default: embedded); "
+                      "--device defaults to cuda:LOCAL_RANK under accelerate/torchrun")
 
 
-def _device(arg: str | None) -> str:
-    if arg:
+def _device(arg: str | None, device_map: str | None = None) -> str | None:
+    """As asked; under a device map none; else ``cuda:LOCAL_RANK`` with several ranks, the default device."""
+    if arg or device_map:
         return arg
     import os
 
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-    return "cpu"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     from ..models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device))
+    from .options import model_kwargs
+
+    kwargs = model_kwargs(args)
+    kwargs["device"] = _device(args.device, args.device_map)
+    loaded = load_model(args.model, **kwargs)
     summary = score_dataset(loaded.model, loaded.tokenizer, args.input, args.out, config, shard=shard,
                             split=args.split, model_name=loaded.name, progress=args.progress,
                             overwrite=args.overwrite)

@@ -25,7 +25,10 @@ _RESET = "\033[0m"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", required=True, metavar="FILE",
                         help="JSON file: a list of {role, content} or {\"messages\": [...]}")
-    parser.add_argument("--model", help="model or tokenizer directory / HF id / .gguf (default: embedded)")
+    from .options import add_model_options
+
+    add_model_options(parser, tokenizer_only=True,
+                      model_help="model or tokenizer directory / HF id / .gguf (default: embedded)")
     parser.add_argument("--template-file", metavar="T.jinja", help="use this Jinja chat template instead of "
                         "the tokenizer's own")
     parser.add_argument("--generation-prompt", action="store_true", help="append the assistant generation prompt")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise InputFileNotFoundError(f"template file not found: {args.template_file}")
         template = path.read_text(encoding="utf-8")
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise TemplateError(f"the tokenizer of {args.model or 'the embedded model'} has no chat template; "
                             "pass one with --template-file T.jinja")

@@ -54,7 +54,9 @@ def resolve_device(device: Any) -> str:
     """The torch device to load on: as asked, cuda when available by default, and cpu (with a warning)
     when a CUDA device is asked for without CUDA — lm-eval's CLI asks for ``cuda:0`` unless told."""
     if device in (None, ""):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from ..models import default_device
+
+        return default_device()
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         logger.warning("device %r requested but CUDA is not available; using cpu", device)
         return "cpu"
@@ -80,9 +82,10 @@ class CtxawareLM(HFLM):
         emphasis: str = "user",
         compounding: str = "none",
         chat_template: Any = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str | None = None,
-        attn_implementation: str = "sdpa",
+        device_map: Any = None,
+        attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         batch_size: int | str = 1,
         **kwargs: Any,
@@ -93,9 +96,10 @@ class CtxawareLM(HFLM):
                                        compounding=str(compounding))
         self.chat_template_mode = parse_template_mode(chat_template)
         if pretrained is None or isinstance(pretrained, (str, os.PathLike)):
-            device = resolve_device(device)
+            device = None if device_map not in (None, "") else resolve_device(device)
             loaded = load_model(None if pretrained in (None, "") else str(pretrained), dtype=dtype, device=device,
-                                attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                                device_map=device_map or None, attn_implementation=attn_implementation or None,
+                                trust_remote_code=trust_remote_code)
             model, tok, self.model_name = loaded.model, loaded.tokenizer, loaded.name
         else:
             if tokenizer is None:

@@ -13,10 +13,13 @@ switched to ``"ctxaware_measure"``, an attention function registered with transf
 ``AttentionInterface`` (with a mask function of the same name in ``AttentionMaskInterface``, so
 the mask is built exactly as for the implementation it wraps). For a layer of interest it computes
 the mass, then (unless it is the deepest requested layer) delegates the ordinary attention output
-to the wrapped implementation (``sdpa`` for eager/sdpa models, otherwise the registered function
-that was active). After the deepest requested layer it raises a private exception that ends the
+to the implementation the model was loaded with (its own ``eager_attention_forward`` for eager
+models such as Gemma-2 with softcapping, otherwise the registered function that was active, e.g.
+``sdpa`` or a steering backend), with that implementation's mask. After the deepest requested layer it raises a private exception that ends the
 forward pass: layers above it, the final norm and the LM head never run. The previous
-implementation names are restored in ``finally``.
+implementation names are restored in ``finally``. A model whose attention does not go through the
+registry is refused up front; a requested layer the forward pass never reached is an error naming
+the model class, raised after that first forward pass.
 
 Padding: without an ``attention_mask`` the batch must be *right*-padded (or unpadded). A causal
 decoder never lets a real token see a pad that comes after it, so no padding mask is needed and
@@ -36,8 +39,10 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..attention.backend import get_impl, model_dims, switched_implementation
-from ..errors import ConfigError
+import sys
+
+from ..attention.backend import get_impl, model_dims, supports_registry, switched_implementation
+from ..errors import ConfigError, SteeringError
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +72,17 @@ _REGISTERED = False
 
 
 def _delegate_name(current: str | None) -> str:
-    if current in (None, "eager", "sdpa", IMPL_NAME) or not isinstance(current, str):
+    """The implementation computing the real output: the one the model was loaded with
+    (``sdpa`` when unset or when it is the measurement itself)."""
+    if not isinstance(current, str) or current in ("", IMPL_NAME):
         return "sdpa"
     return current
+
+
+def _mask_name(name: str) -> str:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return name if name in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
 
 
 def _measure_mask(*args: Any, **kwargs: Any):
@@ -77,16 +90,31 @@ def _measure_mask(*args: Any, **kwargs: Any):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     plan = _ACTIVE.get()
-    name = plan.delegate if plan is not None else "sdpa"
-    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
-        name = "sdpa"
-    return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS[_mask_name(plan.delegate if plan is not None else "sdpa")](*args, **kwargs)
+
+
+_EAGER: dict[type, Any] = {}
+
+
+def _delegate_fn(module: Any, name: str):
+    """The attention function ``name`` as the module's layer would call it (``eager`` = its own file's)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name != "eager":
+        return ALL_ATTENTION_FUNCTIONS[name]
+    cls = type(module)
+    fn = _EAGER.get(cls)
+    if fn is None:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise ConfigError(f"{cls.__name__}: its modeling file has no eager_attention_forward to delegate to; "
+                              "load the model with attn_implementation='sdpa'")
+        _EAGER[cls] = fn
+    return fn
 
 
 def _measure_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function under ``IMPL_NAME``: observe the mass, then delegate the output."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     plan = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     if plan is not None and layer in plan.layers:
@@ -98,9 +126,8 @@ def _measure_attention(module, query, key, value, attention_mask, scaling=None, 
         plan.results[layer] = _mass(query, key, attention_mask, scaling, plan, kwargs.get("softcap"))
         if layer == plan.last_layer:
             raise _StopForward
-    name = plan.delegate if plan is not None else "sdpa"
-    return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask,
-                                         scaling=scaling, dropout=dropout, **kwargs)
+    fn = _delegate_fn(module, plan.delegate if plan is not None else "sdpa")
+    return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _register() -> None:
@@ -206,6 +233,7 @@ def observe_mass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     ``channels`` ``(B, T, C)``: key weights (0 at padding). ``heads``: query heads to keep (default
     all). The forward pass stops inside ``max(layers)``.
     """
+    check_measurable(model)
     n_layers, n_heads = model_dims(model)
     layers = sorted(set(int(x) for x in layers))
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
@@ -237,6 +265,15 @@ def observe_mass(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             pass
     missing = [x for x in layers if x not in plan.results]
     if missing:
-        raise ConfigError(f"the model's attention layers {missing} did not go through the measurement "
-                          "(is this a decoder with standard transformers attention modules?)")
+        raise SteeringError(f"{type(model).__name__}: attention layers {missing} never went through the "
+                            "measurement in the forward pass (their attention modules bypass transformers' "
+                            "attention registry or have no layer_idx); measure a model whose attention does")
     return plan.results
+
+
+def check_measurable(model: Any) -> None:
+    """Refuse, in one line naming the class, a model whose attention bypasses transformers' registry."""
+    if not supports_registry(model):
+        raise SteeringError(f"{type(model).__name__} computes attention without transformers' attention registry, "
+                            "so ctxaware can neither steer nor measure it; use a model whose class supports "
+                            "attention backends (Llama, Mistral, Gemma, Qwen, Phi-3, ...)")

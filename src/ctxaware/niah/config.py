@@ -111,8 +111,15 @@ class NiahConfig(ConfigMixin):
     batch_memory: float = field(4.0, help="GiB of KV cache a decoding batch may hold (peak about twice that)")
     prefix_cache: bool = field(True, help="reuse the KV cache of the prompt prefix shared with the previous cell")
     prefill_chunk: int = field(1024, help="tokens per prefill step after a reused prefix")
-    dtype: str = field("float32", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype")
-    device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
+    dtype: str = field("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="model dtype; auto = bfloat16 where the hardware computes it fast, else float32 "
+                            "(float32 for exact comparisons)")
+    device: str | None = field(None, help="torch device (default: cuda, then mps, when present; else cpu; or the "
+                                          "device of a model passed in)")
+    device_map: str | None = field(None, metavar="MAP", help="place layers across devices through accelerate: "
+                                   "auto, balanced, sequential or a JSON object (default: none)")
+    attn_implementation: str | None = field(None, metavar="NAME", help="attention implementation (sdpa, eager, "
+                                            "flex_attention, ...; default: the model's own)")
     truncate: bool = field(False, help="clamp context lengths beyond the model's window to the window (with a "
                                        "warning) instead of refusing them")
     out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume; "

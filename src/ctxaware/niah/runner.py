@@ -142,7 +142,8 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
     if model is None or tokenizer is None:
         from ..models import load_model
 
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                            attn_implementation=cfg.attn_implementation)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     lengths = check_grid(cfg, model, steer_cfg)
