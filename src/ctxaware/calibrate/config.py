@@ -1,9 +1,11 @@
 """``CalibrationConfig``: what ``ctxaware calibrate`` searches, on which held-in cells, under which guard.
 
-The defaults are sized for the embedded model on 2 CPU cores (about 10 minutes): 2 held-in NIH
-cells (length 3000 × depths 10/40 %, needle ``pizza`` on the built-in corpus read from its last
-essay backwards, i.e. text, needle, lengths and depths disjoint from the quick preset's ``SF``
-grid), 3 head sets × 2 α values, and a quality guard of 8 instruction responses and 8 QA answers. Every field is a CLI option of ``ctxaware calibrate`` (help written once, here).
+The defaults are sized for the embedded model on 2 CPU cores: 2 held-in NIH cells (length 3000 ×
+depths 10/40 %, needle ``pizza`` in the built-in corpus read from its last essay backwards: text,
+needle, length and depths disjoint from the held-out grid of ``ctxaware calibrate judge``, which
+uses ``SF`` in the corpus from its first essay at 5000 tokens × depths 0/25/50 %), 3 head sets ×
+2 α values, and a quality guard of 8 instruction responses and 8 QA answers. Every field is a CLI
+option of ``ctxaware calibrate`` (help written once, here).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class CalibrationConfig(ConfigMixin):
     qa: str = field("", metavar="FILE",
                     help="guard QA: a SQuAD file (HF rows as JSONL, or the original JSON); the gold answer "
                          "is the response; empty = a small built-in set")
-    guard_examples: int = field(8, help="examples taken from each guard set (a seeded sample of those under 1500 characters)")
+    guard_examples: int = field(8, help="examples taken from each guard set (a seeded sample of those under "
+                                        "1500 characters)")
     max_new_tokens: int = field(40, help="greedy decoding budget per held-in answer")
     reserve: int = field(200, help="tokens of each length kept for template, question and answer (as in niah)")
     batch_size: int = field(4, help="held-in cells decoded together")
