@@ -27,14 +27,11 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..serve.config import ServeConfig
-    from .options import add_config_options
+    from .options import add_config_options, add_model_options
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("--model", help="HF id, local directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
-                        help="model dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    add_model_options(parser)
     parser.add_argument("--steering", metavar="FILE", help="steering file (ctxaware calibrate's steering.yaml, or "
                         "SteeringConfig YAML/JSON) applied to requests that do not say otherwise (default: unsteered)")
     parser.add_argument("--served-name", metavar="NAME", help="model id reported by /v1/models and in responses "
@@ -48,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import build_app, serve_forever
     from ..serve.config import ServeConfig
     from ..steering.file import load_steering_file
-    from .options import config_from_args
+    from .options import config_from_args, model_kwargs
 
     config = config_from_args(ServeConfig, args)
     steering = load_steering_file(args.steering) if args.steering else None
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, **model_kwargs(args))
     app = build_app(loaded.model, loaded.tokenizer, args.served_name or loaded.name, config, steering)
     serve_forever(app, config)
     return 0
