@@ -26,6 +26,11 @@ math ⇒ same tokens). Prints a markdown table and writes JSON to ``--out``.
 
     python benchmarks/steering_overhead.py                                   # 1k, 2k, 4k, 8k; 1 repeat
     python benchmarks/steering_overhead.py --lengths 1024,4096 --repeats 3 --out steer.json
+    python benchmarks/steering_overhead.py --device cuda --dtype bfloat16 --model DIR   # on a GPU
+
+Each row also reports the SDPA kernel its prefill and decode attention calls are eligible for
+(``ctxaware.attention.kernels.kernel_for`` on the shapes that path hands to SDPA: ``flash``,
+``efficient``, ``math``; ``eager`` for the eager rows) and, on CUDA, the peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -113,11 +118,12 @@ def _mask_hook(plan_bias, head_scale):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         tq = hidden.shape[1]
         tk = mask.shape[-1] if mask is not None else tq
-        bias = plan_bias(tk)  # (B, Tk) float32
-        per_head = head_scale.view(1, -1, 1, 1) * bias[:, None, None, :]  # (B, H, 1, Tk)
+        dev = hidden.device
+        bias = plan_bias(tk).to(dev)  # (B, Tk) float32
+        per_head = head_scale.to(dev).view(1, -1, 1, 1) * bias[:, None, None, :]  # (B, H, 1, Tk)
         if mask is None:
-            causal = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
-            mask = torch.zeros(tq, tk).masked_fill(~causal, torch.finfo(torch.float32).min)[None, None]
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=dev).tril(tk - tq)
+            mask = torch.zeros(tq, tk, device=dev).masked_fill(~causal, torch.finfo(torch.float32).min)[None, None]
         kwargs["attention_mask"] = (mask + per_head).to(hidden.dtype)  # materialised (B, H, Tq, Tk)
         return args, kwargs
 
@@ -136,7 +142,9 @@ def child(args: argparse.Namespace) -> dict:
 
     row = args.child
     eager = row in ("eager-hook", "plain-eager", "steered-eager")
-    model, tokenizer = load_model(args.model, attn_implementation="eager" if eager else "sdpa")
+    model, tokenizer = load_model(args.model, attn_implementation="eager" if eager else "sdpa", dtype=args.dtype,
+                                  device=args.device)
+    device = next(model.parameters()).device
     rendered = build_prompt(tokenizer, args.length)
     warm = build_prompt(tokenizer, 128)
     config = SteeringConfig(alpha=args.alpha, heads=args.heads)
@@ -164,7 +172,7 @@ def child(args: argparse.Namespace) -> dict:
         return contextlib.nullcontext()
 
     def run(r, new_tokens: int):
-        ids = torch.tensor([r.input_ids])
+        ids = torch.tensor([r.input_ids], device=device)
         with context(r), torch.inference_mode():
             cache = DynamicCache(config=model.config)
             c0, t0 = time.process_time(), time.perf_counter()
@@ -182,21 +190,62 @@ def child(args: argparse.Namespace) -> dict:
     run(warm, 3)
     rss_before = _proc_status("VmRSS")
     reset = _reset_peak_rss()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     prefill, decode, cpu, toks = run(rendered, args.new_tokens)
+    if cuda:
+        torch.cuda.synchronize()
     total = prefill + decode
+    kernels = _kernels(model, row, len(rendered), device)
     return {"row": row, "length": len(rendered), "requested_length": args.length, "new_tokens": args.new_tokens,
             "seconds": total, "prefill_s": prefill, "decode_s": decode, "cpu_seconds": cpu,
             "tokens_per_s": (len(rendered) + args.new_tokens) / total,
             "decode_tokens_per_s": (args.new_tokens - 1) / decode if decode > 0 else None,
             "peak_rss_mib": _peak_rss_mib(), "rss_after_load_mib": rss_before, "peak_reset": reset,
-            "tokens": toks}
+            "peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(device),
+            "prefill_kernel": kernels[0], "decode_kernel": kernels[1], "tokens": toks}
+
+
+def _kernels(model, row: str, length: int, device) -> tuple[str, str]:
+    """The SDPA kernel the row's prefill and decode attention calls are eligible for (from their shapes)."""
+    import torch
+
+    from ctxaware.attention.functional import channel_parts, padded_width
+    from ctxaware.attention.kernels import HALF, kernel_for
+
+    if row in ("eager-hook", "plain-eager", "steered-eager"):
+        return "eager", "eager"
+    cfg = model.config
+    h, h_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    dtype = next(model.parameters()).dtype
+    gqa = h != h_kv
+    if row == "plain":  # transformers: is_causal prefill, no mask; decode without a mask
+        pre = kernel_for((1, h, length, d), (1, h_kv, length, d), (1, h_kv, length, d), dtype, device, enable_gqa=gqa)
+        dec = kernel_for((1, h, 1, d), (1, h_kv, length, d), (1, h_kv, length, d), dtype, device, enable_gqa=gqa)
+        return pre, dec
+    w = padded_width(d, dtype)
+    assert w - d >= channel_parts(d, dtype)
+    gqa_kept = gqa and not (device.type == "cuda" and dtype not in HALF)
+    pre = kernel_for((1, h, length, w), (1, h_kv, length, w), (1, h_kv, length, w), dtype, device, enable_gqa=gqa_kept)
+    if dtype in HALF:  # decoding through the padded channels as well
+        dec = kernel_for((1, h, 1, w), (1, h_kv, length, w), (1, h_kv, length, w), dtype, device, enable_gqa=gqa_kept)
+    else:  # a (B, H, 1, T) float mask, grouped heads packed as query rows
+        dec = kernel_for((1, h_kv, h // h_kv, d), (1, h_kv, length, d), (1, h_kv, length, d), dtype, device,
+                         mask="float")
+    return pre, dec
 
 
 # ----------------------------------------------------------------------------- parent side
 def _spawn(args: argparse.Namespace, row: str, length: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--length", str(length),
            "--new-tokens", str(args.new_tokens), "--alpha", str(args.alpha), "--heads", args.heads,
-           "--threads", str(args.threads), "--model", args.model]
+           "--threads", str(args.threads), "--model", args.model, "--dtype", args.dtype]
+    if args.device:
+        cmd += ["--device", args.device]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     if not args.default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
@@ -207,13 +256,16 @@ def _spawn(args: argparse.Namespace, row: str, length: int) -> dict:
 
 
 def _table(results: list[dict], rows: list[str]) -> str:
-    lines = ["| tokens | row | tokens/s | ratio to plain | CPU-time ratio | prefill s | decode tok/s | "
-             "peak RSS MiB | RSS vs plain |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    cuda = any(r.get("peak_cuda_mib") is not None for r in results)
+    lines = ["| tokens | dtype | row | tokens/s | ratio to plain | CPU-time ratio | prefill s | decode tok/s | "
+             "kernel (prefill / decode) | peak RSS MiB | RSS vs plain |" + (" peak CUDA MiB |" if cuda else ""),
+             "|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|" + ("---:|" if cuda else "")]
     for r in results:
-        lines.append(f"| {r['length']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
+        lines.append(f"| {r['length']} | {r['dtype']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['ratio']:.3f} | "
                      f"{r['cpu_ratio']:.3f} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['rss_overhead_pct']:+.1f} % |")
+                     f"{r['prefill_kernel']} / {r['decode_kernel']} | "
+                     f"{r['peak_rss_mib']:.0f} | {r['rss_overhead_pct']:+.1f} % |"
+                     + (f" {r['peak_cuda_mib']:.0f} |" if cuda else ""))
     return "\n".join(lines)
 
 
@@ -228,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--heads", default="all", help="head selection of the steered rows (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
+    ap.add_argument("--device", default=None, help="device to run on, e.g. cuda or cpu (default: the loader's)")
+    ap.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 (default: float32)")
     ap.add_argument("--out", default="steering_overhead.json", help="JSON file to write")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's dynamic mmap threshold in the children (noisier peak RSS)")
@@ -283,8 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         by = {r["row"]: r for r in results if r["requested_length"] == length}
         if "steered" in by:
             checks.append(f"{length}: steered/plain = {by['steered']['ratio']:.3f} wall, "
-                          f"{by['steered']['cpu_ratio']:.3f} CPU time (target >= 0.90), "
+                          f"{by['steered']['cpu_ratio']:.3f} CPU time (target >= 0.95), "
                           f"RSS {by['steered']['rss_overhead_pct']:+.1f} % (target <= 5 %)")
+            if by["steered"].get("peak_cuda_mib") and by["plain"].get("peak_cuda_mib"):
+                extra = 100.0 * (by["steered"]["peak_cuda_mib"] / by["plain"]["peak_cuda_mib"] - 1)
+                checks[-1] += f", peak CUDA memory {extra:+.1f} % (target <= 10 % at 8k)"
             if "eager-hook" in by:
                 speed = by["steered"]["tokens_per_s"] / by["eager-hook"]["tokens_per_s"]
                 by["steered"]["speedup_vs_eager_hook"] = speed
@@ -297,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    payload = {"benchmark": "steering_overhead", "model": args.model, "lengths": lengths, "rows": rows,
+    payload = {"benchmark": "steering_overhead", "model": args.model, "device": args.device, "dtype": args.dtype, "lengths": lengths, "rows": rows,
                "new_tokens": args.new_tokens, "repeats": args.repeats, "alpha": args.alpha, "heads": args.heads,
                "threads": args.threads, "fixed_mmap_threshold": not args.default_malloc,
                "torch": torch.__version__, "transformers": transformers.__version__,
