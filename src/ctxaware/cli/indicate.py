@@ -114,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
                           "labelled": {"turns": fraction},
                           "fractions": {str(k): v for k, v in fractions.items()}}))
         return 0
-    how = {"threshold": "threshold", "auto": f"auto threshold for {rule['kind']} (target {rule['target']:.2f})",
-           "target-fraction": f"top {rule['target']:.3g} of turns, lowest labelled score"}[rule["rule"]]
+    if rule["rule"] == "auto":
+        how = f"auto threshold for {rule['kind']} (target {rule['target']:.2f})"
+    elif rule["rule"] == "target-fraction":
+        how = f"top {rule['target']:.3g} of turns, lowest labelled score"
+    else:  # a fixed threshold has no target: format nothing of it
+        how = "threshold"
     shown = "none" if rule["beta"] is None else f"{rule['beta']:.4f}"
     print(f"wrote {args.out}: {len(out)} rows ({skipped} unreadable rows dropped); {how} β = {shown}: "
           f"{labelled} of {scored} scored turns labelled ({fraction:.3f})")
