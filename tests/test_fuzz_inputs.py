@@ -228,6 +228,35 @@ def test_hub_names_offline_fail_clearly(tiny, tmp_path, capsys, monkeypatch, nam
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.parametrize("layout", ["empty_dir", "junk_dir", "saved_dataset"])
+def test_dataset_directories(tiny, tmp_path, capsys, monkeypatch, layout):
+    """A directory is read with ``datasets`` (save_to_disk, or a data folder); one that cannot be read
+    fails in one line; a saved dataset is scored."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    if layout == "junk_dir":
+        (d / "notes.bin").write_bytes(b"\x00\x01junk")
+    elif layout == "saved_dataset":
+        import datasets
+
+        datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Hello"}]}]).save_to_disk(str(d))
+    _patch_model(monkeypatch, tiny)
+    out = tmp_path / "o.jsonl"
+    code, _ = _cli(["score", "--in", str(d), "--out", str(out), "--no-progress"], capsys, "score --in (directory)")
+    assert code == (0 if layout == "saved_dataset" else 2) and out.exists() == (code == 0)
+
+
+@pytest.mark.parametrize("argv", [["--tasks", "no_such_task_xyz"], ["--tasks", ""], ["--tasks", "ctxaware_squad_ind",
+                                  "--limit", "-1"], ["--tasks", "ctxaware_squad_ind", "--alpha", "2"],
+                                  ["--tasks", "ctxaware_squad_ind", "--steering", "/nowhere/s.yaml"]],
+                         ids=lambda a: " ".join(a))
+def test_eval_bad_options(tiny, tmp_path, capsys, monkeypatch, argv):
+    _patch_model(monkeypatch, tiny)
+    code, _ = _cli(["eval", *argv, "--out", str(tmp_path / "e")], capsys, "eval options")
+    assert code == 2 and not (tmp_path / "e" / "results.json").exists()
+
+
 SCORES = st.one_of(st.none(), st.lists(st.one_of(st.none(), st.floats(allow_nan=True), TEXT), max_size=3), TEXT)
 
 

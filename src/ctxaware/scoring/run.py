@@ -5,7 +5,8 @@ per row: ``{"_row": <input index>, "ctx_scores": ..., "ctx_score_reasons": ..., 
 after a first metadata line (model, layer, options, shard). A rerun with the same output reads
 the partial file and skips the rows already there, so ``kill -9`` loses at most the batch in
 flight (a torn last line is cut off). When every row is done the output (``.jsonl``, ``.json``
-or ``.parquet``) is written atomically (temp file + fsync + rename) in input order — each input row plus the three ``ctx_*`` columns — and the partial file removed.
+or ``.parquet``) is written atomically (temp file + fsync + rename) in input order — each input
+row plus the three ``ctx_*`` columns — and the partial file removed.
 
 Sharding: shard ``i/n`` takes the rows whose index ``% n == i`` and writes
 ``OUT.shard-i-of-n.<ext>`` (rows keep their ``_row`` index); :func:`merge_shards` joins the
