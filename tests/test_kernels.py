@@ -167,3 +167,35 @@ def test_half_precision_prefill_probabilities_keep_alpha():
     exact = _brute(q, k, ind, None, scaling, coef, down, causal=True)
     # the output is bf16 (2^-8 relative); the bias error would add ~1 % at alpha 0.01
     torch.testing.assert_close(out.double(), exact, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_steers_through_prefill_and_decode(dtype):
+    """A tiny bf16/fp16 model: KV-cache decoding (padded channels) matches full recompute, and steering
+    in half precision lands where float32 steering does (to half-precision noise)."""
+    from ctxaware.steering import SteeredModel, SteeringConfig, steer
+    from test_steering import rendered, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    r = rendered(tok, 1)
+    model32 = tiny_model("llama", "sdpa")
+    model = tiny_model("llama", "sdpa").to(dtype)
+    cfg = SteeringConfig(alpha=0.05)
+    gen_cfg = SteeredModel(model, tok, cfg).generation_config(4, min_new_tokens=4, output_logits=True,
+                                                              return_dict_in_generate=True)
+    ids = torch.tensor([r.input_ids])
+    with steer(model, cfg, r), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+        full = model(input_ids=out.sequences).logits.float()
+    p = len(r)
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0].float(), full[0, p - 1 + step], atol=0.15, rtol=0.02)
+    with torch.no_grad():
+        plain32 = model32(input_ids=ids).logits
+        with steer(model32, cfg, r):
+            steered32 = model32(input_ids=ids).logits
+        with steer(model, cfg, r):
+            steered = model(input_ids=ids).logits.float()
+    effect = (steered32 - plain32).abs().max()
+    assert effect > 0.2  # alpha 0.05 moves these logits clearly ...
+    assert (steered - steered32).abs().max() < effect / 4  # ... and half precision follows float32
