@@ -229,7 +229,10 @@ class Guard:
         """``{"passed": bool, "<set>": {"loss", "baseline", "rise", "se"}}`` for one steering config."""
         report: dict[str, Any] = {"passed": True, "margin": self.margin}
         for gs in self.sets:
-            losses = losses_of_rendered(self.model, self._rendered[gs.name], steering)
+            if steering is None or not steering.active:
+                losses = list(gs.baseline)  # the identity: nothing to recompute
+            else:
+                losses = losses_of_rendered(self.model, self._rendered[gs.name], steering)
             mean, _ = mean_se(losses)
             rise = mean - gs.baseline_mean
             diffs = [a - b for a, b in zip(losses, gs.baseline)]

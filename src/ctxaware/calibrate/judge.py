@@ -42,6 +42,7 @@ class JudgeConfig(ConfigMixin):
     baseline_alpha: float = field(0.9, help="alpha of the all-heads comparison condition")
     qa: str = field("", metavar="FILE", help="SQuAD file (.jsonl HF rows or original JSON); empty = no QA")
     qa_examples: int = field(20, help="SQuAD questions (seeded sample of passages under 1500 characters)")
+    niah: bool = field(True, help="run the held-out NIH grid (--no-niah: SQuAD and guard only)")
     qa_seed: int = field(1, help="seed of the SQuAD sample (the guard uses seed 0: a different sample)")
     instructions: str = field("", metavar="FILE", help="guard conversations (JSONL); empty = built-in")
     guard_examples: int = field(8, help="examples per guard set")
@@ -85,12 +86,41 @@ def qa_contains(model: Any, tokenizer: Any, rows: list[dict], steering: Any, *, 
     return [contains(answers[i].split(". ")[0], r["answers"]) for i, r in enumerate(rows)]
 
 
+def _qa_and_guard(model: Any, tokenizer: Any, squad: list[dict], guard: Any, steering: Any) -> dict[str, Any]:
+    from .guard import mean_se
+
+    row: dict[str, Any] = {}
+    if squad:
+        m, se = mean_se(qa_contains(model, tokenizer, squad, steering))
+        row.update(squad_contains=m, squad_se=se, squad_n=len(squad))
+    g = guard.check(steering)
+    row.update({f"guard_{k}_rise": g[k]["rise"] for k in ("instructions", "qa")}, guard_passed=g["passed"])
+    return row
+
+
+def _cached(out: Path, cfg: JudgeConfig, steering: Any, compute: Any) -> dict[str, Any]:
+    """SQuAD + guard numbers of one condition, kept in ``out/conditions/`` keyed by everything they depend on."""
+    import hashlib
+
+    key = {"steering": steering.to_dict() if steering is not None and steering.active else None, "qa": cfg.qa,
+           "qa_examples": cfg.qa_examples, "qa_seed": cfg.qa_seed, "instructions": cfg.instructions,
+           "guard_examples": cfg.guard_examples, "model": cfg.model}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = out / "conditions" / f"{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["row"]
+    row = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "row": row}, indent=2), encoding="utf-8")
+    return row
+
+
 def judge(cfg: JudgeConfig) -> dict[str, Any]:
     """Run the three conditions; returns (and writes) the table as data."""
     from ..models import load_model
     from ..niah import NiahConfig, run_niah
     from ..steering import SteeringConfig, read_steering_file
-    from .guard import Guard, instruction_set, mean_se, qa_set
+    from .guard import Guard, instruction_set, qa_set
 
     file_cfg, meta = read_steering_file(cfg.steering)
     model_name = cfg.model or meta.get("model") or "embedded"
@@ -102,11 +132,13 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
                   "chat+file": file_cfg}
     common = dict(model=model_name, haystack=cfg.haystack, needle=cfg.needle, lengths=cfg.lengths, depths=cfg.depths,
                   max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
-    runs = {"chat": run_niah(NiahConfig(modes="chat,chat+steer", alpha=cfg.baseline_alpha, heads="all",
-                                        out=str(out / "niah-all"), **common), model=model, tokenizer=tok,
-                             model_name=model_name, plot=False)}
+    recs: list[dict[str, Any]] = []
+    if cfg.niah:
+        recs = run_niah(NiahConfig(modes="chat,chat+steer", alpha=cfg.baseline_alpha, heads="all",
+                                   out=str(out / "niah-all"), **common), model=model, tokenizer=tok,
+                        model_name=model_name, plot=False).records
     file_run = None
-    if file_cfg.active:
+    if file_cfg.active and cfg.niah:
         if "steering" in NiahConfig.field_names():
             steer_opts: dict[str, Any] = {"steering": str(cfg.steering)}
         elif file_cfg.rule == "alpha":
@@ -115,7 +147,6 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
             raise ConfigError(f"{cfg.steering}: rule {file_cfg.rule!r} needs a niah that reads steering files")
         file_run = run_niah(NiahConfig(modes="chat+steer", out=str(out / "niah-file"), **steer_opts, **common),
                             model=model, tokenizer=tok, model_name=model_name, plot=False)
-    recs = runs["chat"].records
     niah = {"chat": [r for r in recs if r["mode"] == "chat"],
             f"chat+all@{cfg.baseline_alpha:g}": [r for r in recs if r["mode"] == "chat+steer"],
             "chat+file": file_run.records if file_run else [r for r in recs if r["mode"] == "chat"]}
@@ -131,11 +162,7 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
                "niah_mean_recall": sum(r["recall"] for r in cells) / max(1, len(cells)),
                "recovered_of_lost": sum(1 for r in cells if (r["length"], r["depth"]) in lost and r["recall"] >= 1.0),
                "lost_by_chat": len(lost)}
-        if squad:
-            m, se = mean_se(qa_contains(model, tok, squad, steering))
-            row.update(squad_contains=m, squad_se=se, squad_n=len(squad))
-        g = guard.check(steering)
-        row.update({f"guard_{k}_rise": g[k]["rise"] for k in ("instructions", "qa")}, guard_passed=g["passed"])
+        row.update(_cached(out, cfg, steering, lambda st=steering: _qa_and_guard(model, tok, squad, guard, st)))
         table[name] = row
     result = {"steering_file": str(cfg.steering), "file_config": file_cfg.to_dict(), "model": model_name,
               "held_out": {"haystack": cfg.haystack, "needle": cfg.needle, "lengths": cfg.lengths,
