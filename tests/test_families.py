@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,7 +70,7 @@ FAMILIES: list[Family] = [
     Family("Qwen3 (q/k norm)", "Qwen3Config", _o(head_dim=16), template="chatml_qwen"),
     Family("Phi-3", "Phi3Config", template="phi3", lora_targets="qkv_proj"),
     Family("Bloom (outside the registry)", "BloomConfig", _o(n_layer=2, n_head=4), template="chatml_qwen",
-           registry=False),
+           lora_targets="query_key_value", registry=False),
 ]
 IDS = [f.name for f in FAMILIES]
 VOCAB = 300
@@ -297,8 +299,7 @@ def check_lm_eval(family: Family, model, tok) -> None:
 
 
 # ----------------------------------------------------------------------------- parametrised tests
-def test_load(family, built, tmp_path):
-    _skip_outside_registry(family)
+def test_load(family, built, tmp_path):  # unsteered: works outside the registry too
     check_load(family, *built, tmp_path)
 
 
@@ -321,13 +322,11 @@ def test_one_niah_cell(family, built, tmp_path):
     check_niah(family, *built, tmp_path)
 
 
-def test_one_training_step(family, built, tmp_path):
-    _skip_outside_registry(family)
+def test_one_training_step(family, built, tmp_path):  # unsteered: works outside the registry too
     check_train(family, *built, tmp_path)
 
 
-def test_one_lm_eval_request(family, built):
-    _skip_outside_registry(family)
+def test_one_lm_eval_request(family, built):  # unsteered: works outside the registry too
     check_lm_eval(family, *built)
 
 
@@ -345,6 +344,12 @@ def check_refused(family: Family, model, tok) -> str:
     with pytest.raises(CtxawareError) as err:
         measure_attention(model, r)
     lines.append(str(err.value))
+    state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with pytest.raises(CtxawareError) as err:  # a steered NIH run is refused before any cell, not run unsteered
+        with tempfile.TemporaryDirectory() as d:
+            check_niah(family, model, tok, Path(d))
+    lines.append(str(err.value))
+    assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
     for line in lines:
         assert type(model).__name__ in line and "\n" not in line
     return lines[0]
