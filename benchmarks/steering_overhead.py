@@ -227,8 +227,8 @@ def _kernels(model, row: str, length: int, device) -> tuple[str, str]:
         pre = kernel_for((1, h, length, d), (1, h_kv, length, d), (1, h_kv, length, d), dtype, device, enable_gqa=gqa)
         dec = kernel_for((1, h, 1, d), (1, h_kv, length, d), (1, h_kv, length, d), dtype, device, enable_gqa=gqa)
         return pre, dec
-    w = padded_width(d, dtype)
-    assert w - d >= channel_parts(d, dtype)
+    w = padded_width(d, dtype, device.type)
+    assert w - d >= channel_parts(d, dtype, device.type)
     gqa_kept = gqa and not (device.type == "cuda" and dtype not in HALF)
     pre = kernel_for((1, h, length, w), (1, h_kv, length, w), (1, h_kv, length, w), dtype, device, enable_gqa=gqa_kept)
     if dtype in HALF:  # decoding through the padded channels as well

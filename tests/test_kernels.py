@@ -55,8 +55,9 @@ def _brute(q, k, v, mask, scaling, coef, down, causal):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_padded_widths_keep_a_fused_cuda_kernel(head_dim, dtype):
     q, k, v, down, coef = _inputs(b=1, d=head_dim, dtype=dtype, t=4)
-    qc, kc = AF.bias_channels(coef[:1], down, scaling=head_dim ** -0.5, dtype=dtype, head_dim=head_dim)
-    q2, k2, v2 = AF.padded_qkv(q, k, v, qc, kc)
+    qc, kc = AF.bias_channels(coef[:1], down, scaling=head_dim ** -0.5, dtype=dtype, head_dim=head_dim,
+                              target="cuda")
+    q2, k2, v2 = AF.padded_qkv(q, k, v, qc, kc, target="cuda")
     width = q2.shape[-1]
     assert width == k2.shape[-1] == v2.shape[-1] > head_dim
     assert width % (8 if dtype != torch.float32 else 4) == 0
@@ -68,7 +69,9 @@ def test_padded_widths_keep_a_fused_cuda_kernel(head_dim, dtype):
     old = (*q.shape[:-1], head_dim + 1)
     assert kernel_for(old, old, old, dtype, "cuda", mask="bool") == "math"
     # the parts of the split bias fit in the padding
-    assert qc.shape[-1] == AF.channel_parts(head_dim, dtype) <= width - head_dim
+    assert qc.shape[-1] == AF.channel_parts(head_dim, dtype, "cuda") <= width - head_dim
+    # on CPU only the needed channels are added (its flash kernel takes any width)
+    assert AF.padded_width(head_dim, dtype, "cpu") == head_dim + AF.channel_parts(head_dim, dtype, "cpu")
 
 
 @pytest.mark.filterwarnings("ignore:.*(Flash attention|fused kernels).*:UserWarning")
@@ -124,16 +127,16 @@ def test_chunked_fallback_equals_one_call(monkeypatch, masked):
     torch.testing.assert_close(full, _brute(q, k, v, mask, scaling, coef, down, causal=not masked), atol=1e-10, rtol=0)
 
 
-def _effective_alpha(dtype, alpha, parts=None, head_dim=64):
+def _effective_alpha(dtype, alpha, parts=None, head_dim=64, target=None):
     """α the kernel sees: exp(score difference N vs unsteered), from the actual padded tensors in float64."""
     q, k, v, _, _ = _inputs(b=1, h=1, h_kv=1, t=8, d=head_dim, dtype=dtype)
     down = torch.tensor([[True] * 4 + [False] * 4])
     scaling = head_dim ** -0.5
     coef = torch.full((1, 1), math.log(alpha), dtype=torch.float64)
-    qc, kc = AF.bias_channels(coef, down, scaling=scaling, dtype=dtype, head_dim=head_dim)
+    qc, kc = AF.bias_channels(coef, down, scaling=scaling, dtype=dtype, head_dim=head_dim, target=target)
     if parts is not None:
         qc, kc = qc[..., :parts], kc[..., :parts]
-    q2, k2, _ = AF.padded_qkv(q, k, v, qc, kc)
+    q2, k2, _ = AF.padded_qkv(q, k, v, qc, kc, target=target)
     steered = scaling * (q2.double() @ k2.double().transpose(-1, -2))
     plain = scaling * (q.double() @ k.double().transpose(-1, -2))
     diff = (steered - plain)[0, 0]  # (Tq, Tk): log α on the N keys, 0 on the others
@@ -144,8 +147,9 @@ def _effective_alpha(dtype, alpha, parts=None, head_dim=64):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("alpha", [0.01, 0.02, 0.05, 0.3, 0.9, 0.95])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_effective_alpha_exact_in_half_precision(dtype, alpha, head_dim):
-    eff = _effective_alpha(dtype, alpha, head_dim=head_dim)
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_effective_alpha_exact_in_half_precision(dtype, alpha, head_dim, target):
+    eff = _effective_alpha(dtype, alpha, head_dim=head_dim, target=target)
     assert ((eff / alpha - 1).abs() <= 1e-3).all(), eff
 
 

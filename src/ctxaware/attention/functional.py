@@ -9,9 +9,10 @@ the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α r
   extra channels: ``q' = [q, c₁, c₂, …, 0…]``, ``k' = [k, u, u, …, 0…]`` with ``c₁ + c₂ + … =
   c / scale`` (a hi/lo split: ``c₁`` is ``c / scale`` rounded to the dtype, ``c₂`` the rounded
   remainder, …) and SDPA called with ``scale`` explicitly, so ``scale · q'·k' = scale · q·k + c·u``
-  with the bias exact to the dtype's precision squared (cubed), not to its precision. The width is
-  padded to a multiple of 8 (half types) or 4 (fp32) so the fused CUDA kernels stay eligible
-  (:mod:`.kernels`); ``v`` is zero-padded to the same width. The causal flag, a boolean padding
+  with the bias exact to the dtype's precision squared (cubed), not to its precision. On CUDA the
+  width is padded to a multiple of 8 (half types) or 4 (fp32) so the fused kernels stay eligible
+  (:mod:`.kernels`); on CPU, whose flash kernel takes any width, only the needed channels are
+  added (each costs time there). ``v`` is zero-padded to the same width. The causal flag, a boolean padding
   mask and un-repeated grouped-query heads (``enable_gqa``) are passed through unchanged.
 * :func:`sdpa_decode_mask` (one query token in fp32/fp64): a float mask ``(B, H, 1, T)`` — O(T)
   per head — with the grouped query heads packed as query rows.
@@ -54,9 +55,15 @@ def key_bias(emphasis: torch.Tensor, kv_length: int, log_alpha: float, *, batch:
     return bias
 
 
-def padded_width(head_dim: int, dtype: torch.dtype) -> int:
-    """Head width with at least one extra channel, rounded up to the fused kernels' alignment
-    (8 elements for fp16/bf16, 4 otherwise)."""
+def padded_width(head_dim: int, dtype: torch.dtype, target: str = "cuda") -> int:
+    """Head width of the steered q/k/v on a ``target`` device type.
+
+    CUDA: at least one extra channel, rounded up to the fused kernels' alignment (8 elements for
+    fp16/bf16, 4 otherwise). Elsewhere (CPU flash takes any width, and every extra channel costs
+    time there): exactly the channels the split bias needs (2 in half types, else 1).
+    """
+    if target != "cuda":
+        return head_dim + (2 if dtype in HALF else 1)
     align = 8 if dtype in HALF else 4
     return -(-(head_dim + 1) // align) * align
 
@@ -73,24 +80,26 @@ def split_parts(x: torch.Tensor, dtype: torch.dtype, parts: int) -> torch.Tensor
     return torch.stack(out, dim=-1)
 
 
-def channel_parts(head_dim: int, dtype: torch.dtype) -> int:
-    """How many spare channels carry the split bias: 3 in half types, 2 in fp32, 1 in fp64."""
-    spare = padded_width(head_dim, dtype) - head_dim
+def channel_parts(head_dim: int, dtype: torch.dtype, target: str = "cuda") -> int:
+    """How many spare channels carry the split bias: on CUDA up to 3 in half types, 2 in fp32, 1 in
+    fp64 (the padding is there anyway); elsewhere 2 in half types, else 1."""
+    spare = padded_width(head_dim, dtype, target) - head_dim
     want = 3 if dtype in HALF else 2 if dtype == torch.float32 else 1
     return max(1, min(spare, want))
 
 
 def padded_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_channels: torch.Tensor,
-               k_channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               k_channels: torch.Tensor, target: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q' = [q, q_channels, 0…]``, ``k' = [k, k_channels, 0…]``, ``v' = [v, 0…]`` at the padded width.
 
     ``q_channels``: ``(B, H, Tq or 1, n)``; ``k_channels``: ``(B, Tk, n)`` (same for every kv head).
-    ``v`` is padded only when its head dim equals the query's.
+    ``v`` is padded only when its head dim equals the query's. ``target``: the device type whose
+    kernel constraints the width meets (default: the query's).
     """
     b, h, tq, d = query.shape
     h_kv, tk, dv = key.shape[1], key.shape[2], value.shape[-1]
     n = q_channels.shape[-1]
-    width = padded_width(d, query.dtype)
+    width = padded_width(d, query.dtype, target or query.device.type)
     if d + n > width:
         raise ValueError(f"{n} extra channel(s) do not fit in the padded width {width} of head dim {d}")
     q2 = query.new_zeros(b, tq, h, width).transpose(1, 2)
@@ -169,7 +178,7 @@ def sdpa_channels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def bias_channels(coef: torch.Tensor, down: torch.Tensor, *, scaling: float, dtype: torch.dtype,
-                  head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  head_dim: int, target: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k channels for the bias ``coef[b, h, q] · down[b, k]``.
 
     ``coef``: float ``(B, H)`` or ``(B, H, Tq)``; ``down``: bool ``(B, Tk)``. The q side carries
@@ -177,7 +186,7 @@ def bias_channels(coef: torch.Tensor, down: torch.Tensor, *, scaling: float, dty
     """
     if coef.dim() == 2:
         coef = coef[..., None]
-    parts = channel_parts(head_dim, dtype)
+    parts = channel_parts(head_dim, dtype, target or down.device.type)
     q_ch = split_parts(coef.double() / scaling, dtype, parts)
     k_ch = down.to(dtype)[..., None].expand(*down.shape, parts)
     return q_ch, k_ch
