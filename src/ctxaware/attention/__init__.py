@@ -1,8 +1,12 @@
 """Attention backend shared by interventions: per-key bias math, registered functions, head specs.
 
-* :mod:`.functional` — pure tensor math (fused SDPA with a per-key bias channel, decode and eager);
+* :mod:`.functional` — pure tensor math (fused SDPA with padded, hi/lo-split bias channels, decode
+  and eager);
+* :mod:`.kernels` — ``kernel_for``: which SDPA kernel given shapes/dtypes are eligible for;
+* :mod:`.plan` — bias plans (per batch row) and their per-thread/context registry;
+* :mod:`.share` — the target-share rule's per-query bias from indicator-value attention;
 * :mod:`.backend` — the ``ctxaware_sdpa`` / ``ctxaware_eager`` implementations registered with
-  transformers and the registry of active bias plans;
+  transformers, the reference-counted implementation switch, the registry check;
 * :mod:`.heads` — parsing and resolving layer/head selections (``"0-11"``, ``"3:0,5;7:all"``).
 """
 
