@@ -358,3 +358,77 @@ def check_refused(family: Family, model, tok) -> str:
 @pytest.mark.parametrize("fam", [f for f in FAMILIES if not f.registry], ids=lambda f: f.name)
 def test_outside_registry_is_refused(fam):
     check_refused(fam, build_model(fam), tokenizer_for(fam.template))
+
+
+# ----------------------------------------------------------------------------- Gemma-2 through the CLI
+GEMMA2 = next(f for f in FAMILIES if f.name == "Gemma-2")
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """A tiny Gemma-2 (softcapping, sliding window) saved with its tokenizer and real template."""
+    path = tmp_path_factory.mktemp("gemma2")
+    build_model(GEMMA2).save_pretrained(path)
+    tokenizer_for(GEMMA2.template).save_pretrained(path)
+    return str(path)
+
+
+def _cli(argv, capsys):
+    from ctxaware.cli.main import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_gemma2_cli_chat_plain_steered_and_without_template(gemma2_dir, tmp_path, capsys):
+    import json
+
+    from ctxaware.steering import SteeringConfig
+    from ctxaware.steering.file import write_steering_file
+
+    base = ["chat", "The key is 4127. What is the key?", "--model", gemma2_dir, "--max-new-tokens", "4", "--json",
+            "--dtype", "float32"]
+    replies = {}
+    for name, extra in {"plain": [], "alpha": ["--alpha", "0.5"], "eager": ["--attn-implementation", "eager"],
+                        "no-template": ["--no-template"]}.items():
+        code, out, err = _cli(base + extra, capsys)
+        assert code == 0, err
+        replies[name] = json.loads(out)["reply"]
+    assert replies["eager"] == replies["plain"]  # the model's own default for Gemma-2 gives the same greedy reply
+    steering = write_steering_file(tmp_path / "steering.yaml", SteeringConfig(alpha=0.5), {"model": "tiny"})
+    code, out, err = _cli(base + ["--steering", str(steering)], capsys)
+    assert code == 0, err
+    assert json.loads(out)["reply"] == replies["alpha"]
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATES["zephyr"], encoding="utf-8")
+    code, out, err = _cli(base + ["--template-file", str(template)], capsys)
+    assert code == 0, err
+
+
+def test_gemma2_cli_attention_and_score(gemma2_dir, tmp_path, capsys):
+    import json
+
+    messages = tmp_path / "chat.json"
+    messages.write_text(json.dumps(MESSAGES[1:]), encoding="utf-8")
+    code, out, err = _cli(["attention", "--messages", str(messages), "--model", gemma2_dir, "--json",
+                           "--dtype", "float32", "--attn-implementation", "eager"], capsys)
+    assert code == 0, err
+    shares = json.loads(out)["conditions"]
+    layer_shares = next(iter(shares.values()))["shares"]
+    assert all(abs(sum(layer_shares[r][i] for r in layer_shares) - 1) < 1e-4 for i in range(2))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": MESSAGES[1:3]}) for _ in range(2)) + "\n", encoding="utf-8")
+    code, out, err = _cli(["score", "--in", str(data), "--out", str(tmp_path / "scored.jsonl"), "--model",
+                           gemma2_dir, "--no-progress", "--json", "--device", "cpu", "--dtype", "float32"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["rows"] == 2 and summary["turns_scored"] == 2
+
+
+def test_bad_model_options_are_one_line_errors(gemma2_dir, capsys):
+    for extra, needle in ((["--attn-implementation", "flashy"], "attn_implementation 'flashy'"),
+                          (["--device-map", "{bad"], "device_map"),
+                          (["--attn-implementation", "flash_attention_2"], "could not load model")):
+        code, out, err = _cli(["chat", "Hi", "--model", gemma2_dir, "--max-new-tokens", "1", *extra], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
