@@ -97,14 +97,14 @@ def load(base_url: str, convs, clients: int, max_tokens: int, exts: list[dict | 
     return summarize(name, [r[0] for r in results], sum(r[1] for r in results), wall)
 
 
-def start_server(model: str | None, clients: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, dtype: str, clients: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     """``ctxaware serve`` as its own process (as in production: clients elsewhere), on a free port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     cmd = [sys.executable, "-m", "ctxaware", "serve", "--port", str(port), "--max-concurrency", str(clients),
-           "--timeout", "3600", "--served-name", "m", *(["--model", model] if model else [])]
+           "--timeout", "3600", "--served-name", "m", "--dtype", dtype, *(["--model", model] if model else [])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import httpx
 
@@ -124,6 +124,7 @@ def start_server(model: str | None, clients: int, threads: int | None) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", help="weights dtype of both sides (default: float32)")
     parser.add_argument("--requests", type=int, default=24, help="requests per setting (default: 24)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default: 32)")
@@ -139,7 +140,7 @@ def main() -> None:
 
     from ctxaware.models import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=args.dtype)
     convs = prompts(args.requests)
     n, c = len(convs), args.clients
     settings = [("one-at-a-time SteeredModel.chat", None),
@@ -148,7 +149,7 @@ def main() -> None:
                 (f"server, {c} clients, half steered / half unsteered (one batch)",
                  [{"alpha": args.alpha} if i % 2 else None for i in range(n)])]
     best: dict[str, dict] = {}
-    proc, base_url = start_server(args.model, c, args.threads)
+    proc, base_url = start_server(args.model, args.dtype, c, args.threads)
     try:
         for _ in range(args.rounds):
             for name, exts in settings:
