@@ -558,7 +558,7 @@ def embedded():
     from ctxaware.models import load_model
 
     try:
-        return load_model()
+        return load_model(dtype="float32")
     except Exception as exc:  # pragma: no cover - depends on the environment
         pytest.skip(f"embedded model unavailable: {exc}")
 
