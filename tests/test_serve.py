@@ -184,6 +184,10 @@ def test_stop_strings_and_sampling(served):
     (dict(extra_body={"ctxaware": {"heads": "7"}}), "ctxaware.heads"),
     (dict(extra_body={"ctxaware": {"heads": "0:9"}}), "ctxaware.heads"),
     (dict(extra_body={"ctxaware": {"emphasis": "robot"}}), "ctxaware.emphasis"),
+    (dict(extra_body={"ctxaware": {"emphasis": "assistant"}}), "ctxaware"),  # no assistant turn to emphasise
+    (dict(extra_body={"ctxaware": {"indicator": "yes"}}), "ctxaware.indicator"),
+    (dict(extra_body={"ctxaware": [0.9]}), "ctxaware"),
+    (dict(extra_body={"seed": "x"}), "seed"),
     (dict(n=2), "n"),
     (dict(max_tokens=WINDOW), "max_tokens"),
     (dict(max_tokens=0), "max_tokens"),
