@@ -30,6 +30,7 @@ def _cells(fam) -> dict[str, str]:
     from ctxaware.errors import CtxawareError
 
     model, tok = tf.build_model(fam), tf.tokenizer_for(fam.template)
+    impl = model.config._attn_implementation
     checks = {
         "load": lambda d: tf.check_load(fam, model, tok, d),
         "spans": lambda d: tf.check_spans(fam, tok),
@@ -41,7 +42,7 @@ def _cells(fam) -> dict[str, str]:
     }
     if not fam.registry:
         tf.check_refused(fam, model, tok)  # one line naming the class, from steer() and measure_attention
-    out = {}
+    out = {"default attention": impl}
     for name, check in checks.items():
         with tempfile.TemporaryDirectory() as d:
             try:
@@ -76,9 +77,10 @@ def table() -> tuple[str, int]:
         options = ", ".join(f"{k}={v}" for k, v in fam.options if k != "rope_parameters")
         if any(k == "rope_parameters" for k, _ in fam.options):
             options = ", ".join(x for x in (options, "rope_type=llama3") if x)
-        rows.append(f"| {fam.name} | `{fam.config}` {options} | {fam.template} | " + " | ".join(shown) + " |")
-    header = ("| family | tiny config | template | " + " | ".join(CAPABILITIES) + " |\n"
-              "|---|---|---|" + "---|" * len(CAPABILITIES))
+        rows.append(f"| {fam.name} | `{fam.config}` {options} | {fam.template} | {cells['default attention']} | "
+                    + " | ".join(shown) + " |")
+    header = ("| family | tiny config | template | default attention | " + " | ".join(CAPABILITIES) + " |\n"
+              "|---|---|---|---|" + "---|" * len(CAPABILITIES))
     notes = "\n".join(f"[{i + 1}] {r}" for i, r in enumerate(refusals))
     text = f"""# Model families
 
@@ -97,7 +99,11 @@ the checks of `tests/test_families.py`:
 - **training step**: one LoRA + `[IND]` step of conditional SFT (`ctxaware.training.build_trainer`).
 - **lm-eval request**: one loglikelihood request through `ctxaware.harness.CtxawareLM` equals the model's own.
 
-Adding a family is one line in `FAMILIES` (tests/test_families.py).
+Adding a family is one line in `FAMILIES` (tests/test_families.py). "default attention" is the
+implementation transformers picks when none is asked for (`--attn-implementation` unset); every command
+that loads a model takes the same options: `--model`, `--device` (default: cuda, then mps, else cpu),
+`--dtype` (default `auto`: bfloat16 where the hardware computes it fast, else float32), `--device-map`
+(`auto` or a JSON object, through accelerate), `--attn-implementation`, `--trust-remote-code`.
 
 {header}
 {chr(10).join(rows)}
