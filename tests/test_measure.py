@@ -256,3 +256,21 @@ def test_cli_attention_compare_template_json_and_plot(tmp_path, monkeypatch, cap
     assert "template (" in text and text.count("\n") == 4  # header, column names, two layers
     assert main(["attention", "--messages", str(chat), "--queries", "assistant", "--layers", "x"]) == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_measured_layer_never_reached_names_the_model_class(one):
+    """A requested layer whose attention never passed through the measurement is an error after the
+    first forward pass, naming the model class (never an empty or partial result)."""
+    from ctxaware.errors import SteeringError
+
+    model, tok = one
+    r = render(tok, CHATS[0])
+    attn = model.model.layers[1].self_attn
+    saved = attn.layer_idx
+    attn.layer_idx = 99  # layer 1 now reports itself as a layer nobody asked for
+    try:
+        with pytest.raises(SteeringError, match=r"Qwen2ForCausalLM: attention layers \[1\] never went through"):
+            measure_attention(model, r, layers=[1])
+    finally:
+        attn.layer_idx = saved
+    assert measure_attention(model, r, layers=[1]).mass.shape[0] == 1
