@@ -101,6 +101,23 @@ def test_batched_steered_losses_equal_one_at_a_time(tiny):
     assert together != pytest.approx(response_losses(model, tok, convs), abs=1e-4)  # steering acted
 
 
+def test_share_rule_candidates_and_their_guard_losses(tiny):
+    from ctxaware.calibrate.search import candidates
+
+    model, tok = tiny
+    scores = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cands = candidates(CalibrationConfig(head_sets="top2,all", alphas="0.5", shares="0.4,0.8"), scores)
+    assert [c.name for c in cands] == ["unsteered", "top2@0.5", "top2@s0.4", "top2@s0.8", "all@0.5", "all@s0.4",
+                                       "all@s0.8"]
+    share = cands[3].config
+    assert share.rule == "share" and share.share == 0.8 and share.active and cands[3].steered
+    _, convs = instruction_set(None, 4)
+    together = response_losses(model, tok, convs, share)
+    alone = [response_losses(model, tok, [c], share, batch_tokens=1)[0] for c in convs]
+    assert together == pytest.approx(alone, abs=1e-5)
+    assert together != pytest.approx(response_losses(model, tok, convs), abs=1e-4)
+
+
 def test_guard_refuses_configurations_that_raise_the_loss(tiny):
     model, tok = tiny
     guard = Guard(model, tok, {"instructions": instruction_set(None, 3), "qa": qa_set(None, 3)}, margin=0.0)
