@@ -123,7 +123,7 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
     from .guard import Guard, instruction_set, qa_set
 
     file_cfg, meta = read_steering_file(cfg.steering)
-    model_name = cfg.model or meta.get("model") or "embedded"
+    model_name = cfg.model or meta.get("model_spec") or meta.get("model") or "embedded"
     loaded = load_model(None if model_name == "embedded" else model_name, dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
     out = Path(cfg.out)
@@ -131,7 +131,7 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
     conditions = {"chat": None, f"chat+all@{cfg.baseline_alpha:g}": SteeringConfig(alpha=cfg.baseline_alpha),
                   "chat+file": file_cfg}
     common = dict(model=model_name, haystack=cfg.haystack, needle=cfg.needle, lengths=cfg.lengths, depths=cfg.depths,
-                  max_new_tokens=cfg.max_new_tokens, progress=cfg.progress)
+                  max_new_tokens=cfg.max_new_tokens, progress=cfg.progress, dtype="float32")
     recs: list[dict[str, Any]] = []
     if cfg.niah:
         recs = run_niah(NiahConfig(modes="chat,chat+steer", alpha=cfg.baseline_alpha, heads="all",

@@ -214,7 +214,7 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     niah_seconds = time.perf_counter() - t0
     ranked = rank_heads(scores)
     meta = {
-        "model": model_name, "rule": chosen.rule if chosen.steered else "none", "chosen": chosen.name, "reason": reason,
+        "model": model_name, "model_spec": cfg.model, "rule": chosen.rule if chosen.steered else "none", "chosen": chosen.name, "reason": reason,
         "select_by": cfg.select_by,
         "held_in": {"haystack": hay_id, "needle": needle.name, "lengths": sorted(set(cfg.lengths)),
                     "depths": sorted(set(cfg.depths)), "mode": "chat", "max_new_tokens": cfg.max_new_tokens,
