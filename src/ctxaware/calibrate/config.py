@@ -91,7 +91,7 @@ class CalibrationConfig(ConfigMixin):
     max_new_tokens: int = field(40, help="greedy decoding budget per held-in answer")
     reserve: int = field(200, help="tokens of each length kept for template, question and answer (as in niah)")
     batch_size: int = field(4, help="held-in cells decoded together")
-    dtype: str = field("float32", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype")
+    dtype: str = field("auto", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype: auto = bfloat16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32; float32 for exact comparisons")
     device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
     plot: bool = field(True, help="draw calibration.png (needs matplotlib)")
     progress: bool = field(True, help="show progress bars")
