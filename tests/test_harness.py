@@ -370,7 +370,7 @@ def test_cli_eval_embedded_on_shared_squad_recomputed_independently(tmp_path, ca
     for alpha in (None, 0.5):
         out = tmp_path / f"out-{alpha}"
         argv = ["eval", "--tasks", "ctxaware_squad_ind", "--data-dir", str(qa_dir), "--limit", "2",
-                "--out", str(out), "--log-samples", "--device", "cpu"]
+                "--out", str(out), "--log-samples", "--device", "cpu", "--dtype", "float32"]
         assert main(argv + (["--alpha", str(alpha)] if alpha else [])) == 0
         capsys.readouterr()
         rows = [json.loads(x) for x in (out / "samples_ctxaware_squad_ind.jsonl").read_text().splitlines()]
