@@ -45,6 +45,17 @@ def _rows_from_chat(chat: Any, roles: tuple[str, ...]) -> list[bool]:
     return row
 
 
+def _chats_mask(chats: Sequence[Any], roles: tuple[str, ...]) -> torch.Tensor:
+    """Bool ``(B, P)`` emphasis of rendered prompts, each row at the end as in a left-padded batch."""
+    rows = [_rows_from_chat(chat, roles) for chat in chats]
+    width = max(len(r) for r in rows)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            mask[i, width - len(r):] = torch.tensor(r, dtype=torch.bool)
+    return mask
+
+
 def emphasis_mask(emphasis: Any, roles: Sequence[str] = ("user",)) -> torch.Tensor:
     """Bool ``(B, P)`` emphasis aligned to the left-padded prompt (True = keep at full weight).
 
@@ -59,12 +70,7 @@ def emphasis_mask(emphasis: Any, roles: Sequence[str] = ("user",)) -> torch.Tens
     if hasattr(emphasis, "input_ids") and hasattr(emphasis, "spans"):
         emphasis = [emphasis]
     if isinstance(emphasis, (list, tuple)) and emphasis and hasattr(emphasis[0], "input_ids"):
-        rows = [_rows_from_chat(chat, roles) for chat in emphasis]
-        width = max(len(r) for r in rows)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            if r:
-                mask[i, width - len(r):] = torch.tensor(r, dtype=torch.bool)
+        mask = _chats_mask(emphasis, roles)
         source = f"the {what} span(s) of the prompt"
     else:
         try:
@@ -125,13 +131,7 @@ def _lenient_mask(emphasis: Any, roles: tuple[str, ...]) -> torch.Tensor:
     if hasattr(emphasis, "input_ids"):
         emphasis = [emphasis]
     if isinstance(emphasis, (list, tuple)) and emphasis and hasattr(emphasis[0], "input_ids"):
-        rows = [_rows_from_chat(chat, roles) for chat in emphasis]
-        width = max(len(r) for r in rows)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            if r:
-                mask[i, width - len(r):] = torch.tensor(r, dtype=torch.bool)
-        return mask
+        return _chats_mask(emphasis, roles)
     mask = torch.as_tensor(emphasis)
     return mask[None] if mask.dim() == 1 else mask
 
