@@ -124,7 +124,8 @@ def start_server(model: str | None, dtype: str, clients: int, threads: int | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", help="weights dtype of both sides (default: float32)")
+    parser.add_argument("--dtype", default="auto", help="weights dtype of both sides (default: auto, the server's "
+                        "default: bfloat16 where the hardware computes it fast, else float32)")
     parser.add_argument("--requests", type=int, default=24, help="requests per setting (default: 24)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request (default: 32)")
@@ -162,7 +163,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(60)
     rows = [best[name] for name, _ in settings]
-    print(f"torch threads: {torch.get_num_threads()}; {args.requests} requests per setting, max_tokens "
+    print(f"dtype {next(model.parameters()).dtype}; torch threads: {torch.get_num_threads()}; {args.requests} requests per setting, max_tokens "
           f"{args.max_tokens}, greedy; best of {args.rounds} interleaved round(s)\n")
     print("| setting | requests/s | output tokens/s | p50 latency (s) | p95 latency (s) |")
     print("|---|---:|---:|---:|---:|")

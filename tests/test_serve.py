@@ -310,3 +310,35 @@ def test_text_held_back_for_stop_strings_is_sent_when_the_reply_ends(served):
     engine.stop()
     assert g.tokens == tokens[:k + 1]
     assert cut == tok.decode(tokens[:k], skip_special_tokens=True) and full.startswith(cut) and cut
+
+
+def test_joining_prompts_are_prefilled_together_and_match_single_replies(served):
+    """Requests queued before the scheduler starts join in one left-padded prefill pass (prompts of
+    different lengths, steered and unsteered rows mixed); each reply equals its single-request reply,
+    and a tiny ``prefill_tokens`` budget splits the same prompts into several passes with the same replies."""
+    import time
+
+    from ctxaware.serve import Generation, ServeEngine
+
+    model, tok, _, _, _ = served
+    configs = [None, SteeringConfig(alpha=0.3), SteeringConfig(alpha=0.6, heads="0", emphasis="last_user"), None]
+    refs = [SteeredModel(model, tok, cfg).chat(m, max_new_tokens=10) for m, cfg in zip(PROMPTS, configs)]
+    lengths = [len(SteeredModel(model, tok).render(m).input_ids) for m in PROMPTS]
+    assert len(set(lengths)) > 1  # left padding is exercised
+
+    for budget, passes in ((100_000, 1), (max(lengths), len(PROMPTS))):
+        engine = ServeEngine(model, tok, max_concurrency=8, prefill_tokens=budget)
+        done: dict[int, list] = {i: [] for i in range(len(PROMPTS))}
+        for i, (msgs, cfg) in enumerate(zip(PROMPTS, configs)):
+            rendered = SteeredModel(model, tok).render(msgs)
+            engine.submit(Generation(list(rendered.input_ids), rendered, 10,
+                                     lambda k, v, i=i: done[i].append((k, v)), steering=cfg, temperature=0))
+        engine.start()
+        for _ in range(1000):
+            if all(ev and ev[-1][0] != "text" for ev in done.values()):
+                break
+            time.sleep(0.01)
+        engine.stop()
+        assert engine.prefills == passes
+        texts = ["".join(v for k, v in done[i] if k == "text").strip() for i in range(len(PROMPTS))]
+        assert texts == refs

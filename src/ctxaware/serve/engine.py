@@ -2,7 +2,8 @@
 
 :class:`ServeEngine` owns the model. HTTP handlers :meth:`~ServeEngine.submit` a :class:`Generation`
 (a rendered prompt, its steering, sampling and limits) into a bounded queue; the scheduler thread
-loops: admit waiting requests (each prompt prefilled alone, under its own steering), run one
+loops: admit waiting requests (the joining prompts prefilled together in left-padded forward passes
+of at most ``prefill_tokens`` padded tokens, each row under its own steering), run one
 decoding step for the running batch, hand every row its new text, and drop rows that ended,
 were cancelled or timed out. So a request joins and leaves the running batch between decoding
 steps. The batch's KV cache is the NIH engine's :class:`~ctxaware.niah.engine.BufferLayer` (a
@@ -75,13 +76,15 @@ class Generation:
 class ServeEngine:
     """The model, its tokenizer and the scheduler thread (started by :meth:`start`)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_concurrency: int = 8, max_queue: int = 64) -> None:
-        if max_concurrency < 1 or max_queue < 0:
-            raise ValueError(f"max_concurrency must be >= 1 and max_queue >= 0, got {max_concurrency}, {max_queue}")
+    def __init__(self, model: Any, tokenizer: Any, *, max_concurrency: int = 8, max_queue: int = 64,
+                 prefill_tokens: int = 8192) -> None:
+        if max_concurrency < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise ValueError(f"max_concurrency and prefill_tokens must be >= 1 and max_queue >= 0, got "
+                             f"{max_concurrency}, {prefill_tokens}, {max_queue}")
         from ..attention.backend import model_dims
 
         self.model, self.tokenizer = model, tokenizer
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.max_concurrency, self.max_queue, self.prefill_tokens = max_concurrency, max_queue, prefill_tokens
         self.dims = model_dims(model)
         gen = greedy_generation_config(model, tokenizer, 1)
         eos = gen.eos_token_id
@@ -98,7 +101,8 @@ class ServeEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.steps = 0
+        self.steps = 0  # decoding steps of the running batch
+        self.prefills = 0  # prefill forward passes (several joining prompts share one)
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -169,40 +173,70 @@ class ServeEngine:
                 break
 
     def _admit(self) -> None:
-        joining: dict[Any, list[tuple[Generation, list]]] = {}
-        while self.running + sum(len(v) for v in joining.values()) < self.max_concurrency:
+        joining: list[Generation] = []
+        while self.running + len(joining) < self.max_concurrency:
             try:
                 gen = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            if self._expired(gen):
-                continue
+            if not self._expired(gen):
+                joining.append(gen)
+        new: list[tuple[Generation, list]] = []
+        for chunk in self._prefill_chunks(joining):
             try:
-                kv, logits = self._prefill(gen)
+                kvs, logits = self._prefill(chunk)
             except Exception as exc:
                 logger.exception("prefill failed")
-                self._finish(gen, error=APIError(f"internal error while reading the prompt: {exc}", status=500,
-                                                 type="server_error", code="internal_error"))
+                for gen in chunk:
+                    self._finish(gen, error=APIError(f"internal error while reading the prompt: {exc}", status=500,
+                                                     type="server_error", code="internal_error"))
                 continue
-            if self._push(gen, logits):
-                joining.setdefault(BATCH, []).append((gen, kv))
-        for key, new in joining.items():
-            self._rebuild(key, new)
+            new += [(gen, kv) for gen, kv, row in zip(chunk, kvs, logits) if self._push(gen, row)]
+        if new:
+            self._rebuild(BATCH, new)
+
+    def _prefill_chunks(self, gens: list[Generation]) -> list[list[Generation]]:
+        """Joining prompts in groups prefilled together: sorted by length (little padding), each group's
+        padded size (rows × longest prompt) within :attr:`prefill_tokens`."""
+        chunks: list[list[Generation]] = []
+        for gen in sorted(gens, key=lambda g: len(g.input_ids)):
+            if chunks and len(gen.input_ids) * (len(chunks[-1]) + 1) <= self.prefill_tokens:
+                chunks[-1].append(gen)
+            else:
+                chunks.append([gen])
+        return chunks
 
     def _steering_ctx(self, rows: list[Generation], emphasis: Any) -> Any:
         if all(g.steering is None for g in rows):
             return contextlib.nullcontext()
         return steer_rows(self.model, [g.steering for g in rows], emphasis)
 
-    def _prefill(self, gen: Generation) -> tuple[list, torch.Tensor]:
+    def _prefill(self, gens: list[Generation]) -> tuple[list[list], torch.Tensor]:
+        """One left-padded forward pass over the joining prompts, each row under its own steering;
+        returns each row's per-layer (keys, values) (its last ``len(input_ids)`` positions are its
+        prompt) and each row's next-token logits."""
         from transformers import DynamicCache
 
+        width = max(len(g.input_ids) for g in gens)
         cache = DynamicCache(config=self.model.config)
-        x = torch.tensor([gen.input_ids], device=self.device)
-        emphasis = torch.tensor([gen.emphasis], dtype=torch.bool) if gen.emphasis is not None else None
-        with torch.inference_mode(), self._steering_ctx([gen], emphasis):
-            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
-        return [(layer.keys, layer.values) for layer in cache.layers], out.logits[0, -1]
+        x = torch.zeros(len(gens), width, dtype=torch.long)
+        attn = torch.zeros(len(gens), width, dtype=torch.long)
+        emphasis = torch.ones(len(gens), width, dtype=torch.bool)
+        for r, g in enumerate(gens):
+            n = len(g.input_ids)
+            x[r, width - n:] = torch.tensor(g.input_ids)
+            attn[r, width - n:] = 1
+            if g.emphasis is not None:
+                emphasis[r, width - n:] = torch.tensor(g.emphasis, dtype=torch.bool)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        padded = bool((attn == 0).any())
+        with torch.inference_mode(), self._steering_ctx(gens, emphasis):
+            out = self.model(input_ids=x.to(self.device), attention_mask=attn.to(self.device) if padded else None,
+                             position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1,
+                             **{self.cache_arg: cache})
+        self.prefills += 1
+        kvs = [[(layer.keys[r:r + 1], layer.values[r:r + 1]) for layer in cache.layers] for r in range(len(gens))]
+        return kvs, out.logits[:, -1]
 
     def _rebuild(self, key: Any, new: list[tuple[Generation, list]]) -> None:
         """A fresh left-padded buffer holding the group's running rows and the ``new`` ones."""
@@ -225,8 +259,8 @@ class ServeEngine:
             for r, (g, kv) in enumerate(new, start=len(old_rows)):
                 k, v = kv[li]
                 n = len(g.input_ids)
-                layer.kbuf[r, :, width - n:width] = k[0, :, :n]
-                layer.vbuf[r, :, width - n:width] = v[0, :, :n]
+                layer.kbuf[r, :, width - n:width] = k[0, :, k.shape[2] - n:]
+                layer.vbuf[r, :, width - n:width] = v[0, :, v.shape[2] - n:]
             layer.set_length(width)
             layers.append(layer)
         for g in old_rows:
