@@ -34,7 +34,8 @@ def build_app(model: Any, tokenizer: Any, model_name: str, config: ServeConfig |
         steering.resolve_heads(*model_dims(model))
         if not steering.active:
             steering = None
-    engine = ServeEngine(model, tokenizer, max_concurrency=config.max_concurrency, max_queue=config.max_queue)
+    engine = ServeEngine(model, tokenizer, max_concurrency=config.max_concurrency, max_queue=config.max_queue,
+                         prefill_tokens=config.prefill_tokens)
     return create_app(engine, model_name, config, steering)
 
 
