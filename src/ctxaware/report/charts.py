@@ -39,15 +39,22 @@ def recall_vs_length(series: dict[str, Sequence[dict[str, Any]]], modes: Sequenc
 
     fig = Figure(figsize=(5.2 * len(series), 3.6))
     axes = fig.subplots(1, len(series), squeeze=False, sharey=True)[0]
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")]
     for ax, (model, records) in zip(axes, series.items()):
-        for mode in modes:
+        all_lengths = sorted({r["length"] for r in records}) or [0]
+        # modes that score the same would hide each other: each gets its own marker and dash and a
+        # small sideways offset (a fraction of the smallest gap between lengths)
+        gap = min([b - a for a, b in zip(all_lengths, all_lengths[1:])] or [max(all_lengths[0], 1)])
+        for i, mode in enumerate(modes):
             rows = [r for r in records if r["mode"] == mode]
             if not rows:
                 continue
             lengths = sorted({r["length"] for r in rows})
             means = [sum(r["recall"] for r in rows if r["length"] == L) / sum(1 for r in rows if r["length"] == L)
                      for L in lengths]
-            ax.plot(lengths, means, marker="o", label=mode)
+            shift = (i - (len(modes) - 1) / 2) * 0.04 * gap
+            marker, dash = styles[i % len(styles)]
+            ax.plot([L + shift for L in lengths], means, marker=marker, linestyle=dash, alpha=0.85, label=mode)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("context length (tokens)")
         ax.set_title(model, fontsize=9)
