@@ -3,7 +3,8 @@
 Every result file ctxaware writes goes through this module, so a ``kill -9`` (or a power cut on a
 rented GPU) leaves either the old file or the new one, never a file that looks complete but is not:
 
-- :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_write` write a temporary
+- :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_write_json` /
+  :func:`atomic_write_jsonl` / :func:`atomic_savefig` / :func:`atomic_write` write a temporary
   file next to the target, ``fsync`` it, ``os.replace`` it over the target and ``fsync`` the
   directory (POSIX), so the rename itself is durable.
 - :class:`JsonlAppender` appends one JSON record per line and ``fsync`` s after each record (or
@@ -27,6 +28,12 @@ from typing import IO, Any, Callable, Iterable, Iterator
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
+
+# mkstemp creates 0600 files; a result file gets the mode an ordinary open() would give it (0666 & ~umask).
+# The umask is read once, at import (reading it means setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -58,6 +65,8 @@ def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "u
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if os.name == "posix":
+            os.fchmod(fd, _FILE_MODE)
         kwargs = {} if "b" in mode else {"encoding": encoding, "newline": newline}
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
@@ -89,6 +98,15 @@ def atomic_write_json(path: str | Path, data: Any, *, indent: int | None = 2,
                       default: Callable[[Any], Any] | None = None) -> Path:
     """``json.dumps(data)`` written atomically, with a trailing newline."""
     return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=default) + "\n")
+
+
+def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """``fig.savefig`` (matplotlib) into ``path`` atomically; the format is the suffix's unless given."""
+    target = Path(path)
+    kwargs.setdefault("format", target.suffix.lstrip(".").lower() or "png")
+    with atomic_write(target, "wb") as fh:
+        fig.savefig(fh, **kwargs)
+    return target
 
 
 def atomic_write_jsonl(path: str | Path, records: Iterable[Any], *,

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import ConfigMixin, field
 from ..errors import ConfigError
+from ..fsio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +109,12 @@ def _cached(out: Path, cfg: JudgeConfig, steering: Any, compute: Any) -> dict[st
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = out / "conditions" / f"{digest}.json"
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))["row"]
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["row"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            logger.warning("%s: unreadable cached condition, recomputing it", path)
     row = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "row": row}, indent=2), encoding="utf-8")
+    atomic_write_json(path, {"key": key, "row": row})  # temp file + fsync + rename: a kill never leaves half a row
     return row
 
 
@@ -167,7 +170,7 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
     result = {"steering_file": str(cfg.steering), "file_config": file_cfg.to_dict(), "model": model_name,
               "held_out": {"haystack": cfg.haystack, "needle": cfg.needle, "lengths": cfg.lengths,
                            "depths": cfg.depths}, "guard": guard.describe(), "table": table}
-    (out / "judge.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    atomic_write_json(out / "judge.json", result)
     lines = ["| condition | NIH cells with recall 1 | lost cells recovered | mean recall | SQuAD contains (± SE) "
              "| guard: instr. loss rise | guard: QA loss rise |", "|---|---|---|---|---|---|---|"]
     for name, r in table.items():
@@ -175,6 +178,6 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
         lines.append(f"| {name} | {r['niah_perfect']}/{r['niah_cells']} | {r['recovered_of_lost']}/{r['lost_by_chat']} "
                      f"| {r['niah_mean_recall']:.3f} | {qa_txt} | {r['guard_instructions_rise']:+.4f} "
                      f"| {r['guard_qa_rise']:+.4f} |")
-    (out / "judge.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(out / "judge.md", "\n".join(lines) + "\n")
     result["markdown"] = "\n".join(lines)
     return result

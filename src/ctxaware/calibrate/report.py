@@ -10,23 +10,24 @@ where measured). matplotlib only for the plot.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fsio import atomic_savefig, atomic_write, atomic_write_json
+
 
 def write_table(out: Path, cands: Sequence[Any], scores: Any) -> None:
-    """Write ``search.csv`` and ``search.json`` into ``out``."""
+    """Write ``search.csv`` and ``search.json`` into ``out``, each atomically (temp file + fsync + rename)."""
     rows = [c.row() for c in cands]
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "search.csv", "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(out / "search.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
     data = {"rows": rows, "answers": {c.name: c.answers for c in cands},
             "guard": {c.name: c.guard for c in cands}, "head_scores": [[float(v) for v in row] for row in scores]}
-    (out / "search.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+    atomic_write_json(out / "search.json", data)
 
 
 def plot_search(path: Path, cands: Sequence[Any], scores: Any, chosen: str) -> Path:
@@ -63,7 +64,8 @@ def plot_search(path: Path, cands: Sequence[Any], scores: Any, chosen: str) -> P
     ax1.set_ylabel("held-in needle loss (nats/token, lower is better)")
     ax1.set_title("candidates (red: refused by the quality guard; green: chosen)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path
