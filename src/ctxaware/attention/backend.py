@@ -214,18 +214,20 @@ def switched_implementation(model: Any, name_for: Callable[[Any], str]) -> Itera
 
 
 @contextmanager
-def shared_switch(model: Any, name_for: Callable[[Any], str] | None = None) -> Iterator[None]:
+def shared_switch(model: Any, name_for: Callable[[Any], str] | None = None, configs: list[Any] | None = None
+                  ) -> Iterator[None]:
     """Switch ``model`` to the ctxaware implementations while any steering block on it is open.
 
     Reference-counted per model: the first block switches every config (``name_for``, default
     :func:`steered_name`), the last one to close restores them, whichever thread it runs in.
+    ``configs``: :func:`model_configs` of ``model`` when the caller has it already.
     """
     name_for = name_for or steered_name
     key = id(model)
     with _LOCK:
         entry = _SWITCHED.get(key)
         if entry is None:
-            saved = [(cfg, get_impl(cfg)) for cfg in model_configs(model)]
+            saved = [(cfg, get_impl(cfg)) for cfg in (model_configs(model) if configs is None else configs)]
             for cfg, impl in saved:
                 set_impl(cfg, name_for(impl))
             entry = _SWITCHED[key] = [0, saved]

@@ -174,8 +174,9 @@ def build_plan(model: Any, configs: Sequence[SteeringConfig | None] | SteeringCo
             log_alpha[b] = math.log(cfg.alpha)
             multipliers = cfg.layer_multipliers(list(heads))
         for layer, hs in heads.items():
-            scale = head_scale.setdefault(layer, torch.zeros(rows, n_heads, dtype=torch.float32))
-            scale[b, hs if hs is not None else slice(None)] = multipliers[layer]
+            if layer not in head_scale:
+                head_scale[layer] = torch.zeros(rows, n_heads, dtype=torch.float32)
+            head_scale[layer][b, hs if hs is not None else slice(None)] = multipliers[layer]
     has_share = bool((~torch.isnan(share)).any())
     return backend.KeyBiasPlan(emphasis=mask, log_alpha=log_alpha, head_scale=dict(sorted(head_scale.items())),
                                share=share if has_share else None)
@@ -237,7 +238,7 @@ def _activated(model: Any, plan: backend.KeyBiasPlan | None) -> Iterator[None]:
     backend.push_plan(configs, plan)
     handle = _reach_check(model, plan)
     try:
-        with backend.shared_switch(model, backend.steered_name):
+        with backend.shared_switch(model, backend.steered_name, configs=configs):
             logger.debug("steering %d layer(s) of %d row(s)", len(plan.head_scale), plan.rows)
             yield
     finally:
