@@ -274,3 +274,43 @@ def read_records_of(directory):
     from ctxaware.niah import read_records
 
     return read_records(directory)
+
+
+def test_rerun_resumes_every_step_from_the_cache_and_settings_changes_miss(tiny, tmp_path, monkeypatch):
+    import ctxaware.calibrate.guard as guard_mod
+    import ctxaware.calibrate.search as search
+
+    model, tok = tiny
+    cfg = dict(out=str(tmp_path / "cal"), head_sets="top3,all", alphas="0.5", shares="0.5", plot=False, **SMALL)
+    first = calibrate(CalibrationConfig(**cfg), model=model, tokenizer=tok, model_name="tiny")
+    assert first["meta"]["resumed_steps"] == 0
+    assert len(list((tmp_path / "cal" / "cache").glob("guard-*.json"))) == 5
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished step was recomputed")
+
+    with monkeypatch.context() as m:  # nothing may be recomputed: every model-running step is blocked
+        for mod, name in ((search, "retrieval_scores"), (search, "_needle_loss"), (search, "_answer"),
+                          (search, "response_losses"), (guard_mod, "response_losses"),
+                          (guard_mod, "losses_of_rendered")):
+            m.setattr(mod, name, forbidden)
+        second = calibrate(CalibrationConfig(**cfg), model=model, tokenizer=tok, model_name="tiny")
+    assert second["meta"]["resumed_steps"] > 0
+    assert second["meta"]["search"] == first["meta"]["search"]
+    assert second["steering"] == first["steering"]
+    assert [c.answers for c in second["candidates"]] == [c.answers for c in first["candidates"]]
+    torch.testing.assert_close(second["scores"], first["scores"], atol=0, rtol=0)
+    # another margin reuses the losses (blocked again) and redoes only the verdicts
+    with monkeypatch.context() as m:
+        m.setattr(guard_mod, "losses_of_rendered", forbidden)
+        m.setattr(search, "_needle_loss", forbidden)
+        strict = calibrate(CalibrationConfig(**{**cfg, "margin": 0.0}), model=model, tokenizer=tok, model_name="tiny")
+    for c in strict["candidates"]:
+        assert c.guard["margin"] == 0.0
+        assert c.guard["passed"] == all(c.guard[n]["rise"] <= 0.0 for n in ("instructions", "qa"))
+    # another held-in depth must not reuse held-in numbers (the guard's still apply)
+    third = calibrate(CalibrationConfig(**{**cfg, "depths": "20"}), model=model, tokenizer=tok, model_name="tiny")
+    assert third["meta"]["held_in"]["depths"] == [20.0]
+    assert not torch.equal(third["scores"], first["scores"])
+    fresh = calibrate(CalibrationConfig(**cfg, resume=False), model=model, tokenizer=tok, model_name="tiny")
+    assert fresh["meta"]["resumed_steps"] == 0 and fresh["meta"]["search"] == first["meta"]["search"]

@@ -93,6 +93,8 @@ class CalibrationConfig(ConfigMixin):
     batch_size: int = field(4, help="held-in cells decoded together")
     dtype: str = field("auto", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype: auto = bfloat16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32; float32 for exact comparisons")
     device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
+    resume: bool = field(True, help="reuse the steps an earlier run with the same settings finished (kept under "
+                                    "DIR/cache/); --no-resume recomputes everything")
     plot: bool = field(True, help="draw calibration.png (needs matplotlib)")
     progress: bool = field(True, help="show progress bars")
 

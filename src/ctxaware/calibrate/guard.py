@@ -219,9 +219,13 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
 class Guard:
     """The quality guard of one calibration: guard sets with baselines, and the margin."""
 
-    def __init__(self, model: Any, tokenizer: Any, sets: dict[str, tuple[str, list[list[dict]]]], margin: float):
+    def __init__(self, model: Any, tokenizer: Any, sets: dict[str, tuple[str, list[list[dict]]]], margin: float,
+                 baselines: dict[str, list[float]] | None = None):
+        """``baselines``: unsteered losses per set already computed (a resumed run); computed when missing."""
         self.model, self.tokenizer, self.margin = model, tokenizer, float(margin)
-        self.sets = [GuardSet(name, src, convs, response_losses(model, tokenizer, convs))
+        known = baselines or {}
+        self.sets = [GuardSet(name, src, convs, list(known[name]) if len(known.get(name) or ()) == len(convs)
+                              else response_losses(model, tokenizer, convs))
                      for name, (src, convs) in sets.items()]
         self._rendered = {gs.name: [render(tokenizer, c) for c in gs.conversations] for gs in self.sets}
 
@@ -239,6 +243,16 @@ class Guard:
             report[gs.name] = {"loss": mean, "baseline": gs.baseline_mean, "rise": rise, "se": mean_se(diffs)[1]}
             report["passed"] = report["passed"] and rise <= self.margin
         return report
+
+    def judge(self, report: dict[str, Any]) -> dict[str, Any]:
+        """``report`` (of :meth:`check`, possibly under another margin) with margin and verdict of this guard."""
+        out = dict(report, margin=self.margin)
+        out["passed"] = all(out[gs.name]["rise"] <= self.margin for gs in self.sets)
+        return out
+
+    def baselines(self) -> dict[str, list[float]]:
+        """The unsteered losses per set (what ``baselines=`` takes back)."""
+        return {gs.name: list(gs.baseline) for gs in self.sets}
 
     def describe(self) -> dict[str, Any]:
         return {"margin_nats": self.margin,

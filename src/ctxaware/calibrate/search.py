@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..attention.backend import model_dims
 from ..niah.haystack import BUILTIN, CORPUS_DIR, Haystack, HaystackText, read_haystack
 from ..niah.needles import load_needle
@@ -28,6 +30,7 @@ from ..steering import SteeringConfig, write_steering_file
 from .config import BUILTIN_TAIL, CalibrationConfig
 from .guard import Guard, instruction_set, qa_set, response_losses
 from .heads import count_heads, head_set, heads_to_spec, rank_heads, retrieval_scores
+from .search_cache import StepCache, digest
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +116,35 @@ def _needle_loss(model: Any, tokenizer: Any, cand: Candidate, cells: list[dict])
     cand.needle_loss = sum(losses) / len(losses)
 
 
+def _steering_key(cand: Candidate) -> Any:
+    return cand.config.to_dict() if cand.steered else None
+
+
+def _cached_needle_loss(cache: StepCache, key: dict, model: Any, tokenizer: Any, cand: Candidate,
+                        cells: list[dict]) -> None:
+    k = {**key, "steering": _steering_key(cand)}
+    value = cache.get("needle_loss", k)
+    if value is None:
+        _needle_loss(model, tokenizer, cand, cells)
+        cache.put("needle_loss", k, cand.needle_loss)
+    else:
+        cand.needle_loss = float(value)
+
+
+def _cached_answer(cache: StepCache, key: dict, cfg: CalibrationConfig, model: Any, tokenizer: Any,
+                   cand: Candidate, cells: list[dict], needle: Any) -> None:
+    k = {**key, "steering": _steering_key(cand), "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    value = cache.get("answers", k)
+    if value is None:
+        _answer(cfg, model, tokenizer, cand, cells, needle)
+        cache.put("answers", k, cand.answers)
+    else:
+        cand.answers = list(value)
+        scores = [recall(a, needle.keywords) for a in cand.answers]
+        cand.recall = sum(scores) / len(scores)
+        cand.cells_perfect = sum(1 for s in scores if s >= 1.0)
+
+
 def _answer(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate, cells: list[dict],
             needle: Any) -> None:
     """Greedy answers (and their recall) of one candidate on the held-in cells."""
@@ -191,27 +223,42 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     model_name = model_name or cfg.model
     n_layers, n_heads = model_dims(model)
     cells, hay_id, needle = held_in_cells(cfg, tokenizer)
+    cache = StepCache(out / "cache", enabled=cfg.resume)
+    model_key = {"model": model_name, "dtype": str(getattr(model, "dtype", cfg.dtype)), "dims": [n_layers, n_heads]}
+    cells_key = {**model_key, "cells": digest([[c["length"], c["depth"], c["prompt"].input_ids, c["messages"]]
+                                               for c in cells]), "needle": needle.needle}
     t0 = time.perf_counter()
-    scores = retrieval_scores(model, [(c["prompt"], needle.needle) for c in cells], progress=cfg.progress)
+    cached_scores = cache.get("head_scores", cells_key)
+    if cached_scores is None:
+        scores = retrieval_scores(model, [(c["prompt"], needle.needle) for c in cells], progress=cfg.progress)
+        cache.put("head_scores", cells_key, [[float(v) for v in row] for row in scores])
+    else:
+        scores = torch.tensor(cached_scores, dtype=torch.float64)
     score_seconds = time.perf_counter() - t0
     cands = candidates(cfg, scores)
-    guard = Guard(model, tokenizer, {"instructions": instruction_set(cfg.instructions, cfg.guard_examples),
-                                     "qa": qa_set(cfg.qa, cfg.guard_examples)}, cfg.margin)
+    sets = {"instructions": instruction_set(cfg.instructions, cfg.guard_examples),
+            "qa": qa_set(cfg.qa, cfg.guard_examples)}
+    guard_key = {**model_key, "sets": digest(sets)}  # losses do not depend on the margin; "passed" is redone
     t0 = time.perf_counter()
+    guard = Guard(model, tokenizer, sets, cfg.margin, baselines=cache.get("guard_baselines", guard_key))
+    cache.put("guard_baselines", guard_key, guard.baselines())
     for cand in tqdm(cands, desc="guard", unit="candidate", disable=not cfg.progress):
-        cand.guard = guard.check(cand.config if cand.steered else None)
+        cand.guard = guard.judge(cache.fetch("guard", {**guard_key, "steering": _steering_key(cand)},
+                                             lambda c=cand: guard.check(c.config if c.steered else None)))
     guard_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     todo = [c for c in cands if c.guard.get("passed") or not c.steered]
     for cand in tqdm(todo, desc="held-in NIH", unit="candidate", disable=not cfg.progress):
-        _needle_loss(model, tokenizer, cand, cells)
+        _cached_needle_loss(cache, cells_key, model, tokenizer, cand, cells)
         if cfg.select_by == "recall" or cand is cands[0]:
-            _answer(cfg, model, tokenizer, cand, cells, needle)
+            _cached_answer(cache, cells_key, cfg, model, tokenizer, cand, cells, needle)
         logger.info("%s: held-in needle loss %.4f, recall %s", cand.name, cand.needle_loss, cand.recall)
     chosen, reason = choose(cands, cfg.select_by)
     if chosen.recall is None:
-        _answer(cfg, model, tokenizer, chosen, cells, needle)
+        _cached_answer(cache, cells_key, cfg, model, tokenizer, chosen, cells, needle)
     niah_seconds = time.perf_counter() - t0
+    if cache.hits:
+        logger.info("resumed: %d step(s) read from %s, %d computed", cache.hits, cache.directory, cache.misses)
     ranked = rank_heads(scores)
     meta = {
         "model": model_name, "model_spec": cfg.model, "rule": chosen.rule if chosen.steered else "none", "chosen": chosen.name, "reason": reason,
@@ -228,6 +275,7 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
                           "unsteered_needle_loss": cands[0].needle_loss, "chosen_needle_loss": chosen.needle_loss},
         "seconds": {"head_scores": round(score_seconds, 1), "guard": round(guard_seconds, 1),
                     "heldin_niah": round(niah_seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "resumed_steps": cache.hits,
         "model_dims": {"layers": n_layers, "heads": n_heads},
     }
     steering = chosen.config
