@@ -15,8 +15,13 @@ Grids (``--grid``; explicit --lengths/--depths/--modes/... override parts of it)
 * ``quick``: the quick preset's grid (lengths 1000-7000 x 5 depths; add --modes chat to halve it);
 * ``tiny``: lengths 400, 800 x depths 0, 50, 100, mode chat, 24 new tokens (a minute or two).
 
+After the timing, the grid's longest cell is prefilled (and decoded one step) once per mode, and the
+script prints, per mode, the SDPA kernel its attention calls were eligible for (``sdpa_probe``) and
+the peak CUDA memory (on a GPU).
+
     python benchmarks/niah_throughput.py
     python benchmarks/niah_throughput.py --grid quick --modes chat
+    python benchmarks/niah_throughput.py --grid tiny --device cuda --dtype bfloat16 --model DIR   # on a GPU
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from ctxaware.niah.haystack import Haystack
 from ctxaware.niah.prompts import build_prompt
 from ctxaware.niah.runner import steering_config
 from ctxaware.steering.model import greedy_generation_config
+
+from sdpa_probe import kernel_summary, peak_memory, recorded_kernels, reset_peak_memory
 
 
 GRIDS = {
@@ -56,7 +63,7 @@ def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
                 place = hay.place(needle.needle, length, depth, reserve=cfg.reserve)
                 prompt = build_prompt(tokenizer, place.text, needle, mode, system=cfg.system,
                                       system_message=cfg.system_message)
-                ids = torch.tensor([prompt.rendered.input_ids])
+                ids = torch.tensor([prompt.rendered.input_ids], device=model.device)
                 ctx = contextlib.nullcontext()
                 if prompt.steer:
                     from ctxaware.steering import steer
@@ -67,6 +74,34 @@ def plain_loop(cfg: NiahConfig, model, tokenizer) -> dict[tuple, str]:
                 answers[(mode, length, depth)] = tokenizer.decode(out[0, ids.shape[1]:],
                                                                   skip_special_tokens=True).strip()
     return answers
+
+
+def kernel_probe(cfg: NiahConfig, model, tokenizer) -> list[dict]:
+    """Prefill + one greedy decoding step of the longest cell (first depth) in every mode: the SDPA
+    kernels the calls were eligible for, and the peak CUDA memory of the pass."""
+    from transformers import DynamicCache
+
+    from ctxaware.steering import steer
+
+    needle = load_needle(cfg.needle)
+    hay = Haystack(read_haystack(cfg.haystack), tokenizer)
+    length, depth = max(cfg.grid_lengths()), cfg.grid_depths()[0]
+    place = hay.place(needle.needle, length, depth, reserve=cfg.reserve)
+    rows = []
+    for mode in cfg.modes:
+        prompt = build_prompt(tokenizer, place.text, needle, mode, system=cfg.system, system_message=cfg.system_message)
+        ids = torch.tensor([prompt.rendered.input_ids], device=model.device)
+        ctx = steer(model, steering_config(cfg), prompt.rendered) if prompt.steer else contextlib.nullcontext()
+        cache = DynamicCache(config=model.config)
+        reset_peak_memory(model.device)
+        with ctx, torch.inference_mode():
+            with recorded_kernels() as pre:
+                out = model(input_ids=ids, use_cache=True, past_key_values=cache, logits_to_keep=1)
+            with recorded_kernels() as dec:
+                model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), use_cache=True, past_key_values=cache)
+        rows.append({"mode": mode, "tokens": ids.shape[1], "prefill": kernel_summary(pre),
+                     "decode": kernel_summary(dec), "peak_cuda_mib": peak_memory(model.device)})
+    return rows
 
 
 def main() -> None:
@@ -84,6 +119,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None, help="harness decoding batch (default: the preset's)")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="paper-cpu", help="base grid (see the module doc)")
+    ap.add_argument("--device", default=None, help="cuda / mps / cpu (default: load_model's: CUDA, then MPS, else CPU)")
+    ap.add_argument("--dtype", default="auto", help="weights dtype (default: auto = bfloat16 where the hardware "
+                    "computes it fast, else float32)")
     args = ap.parse_args()
     over = {k: v for k, v in dict(lengths=args.lengths, depths=args.depths, modes=args.modes,
                                   max_length=args.max_length, min_length=args.min_length,
@@ -96,13 +134,14 @@ def main() -> None:
         over.setdefault("depths", None)
     over = {**GRIDS[args.grid], **over}
     torch.set_grad_enabled(False)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     with tempfile.TemporaryDirectory() as out:
         cfg = NiahConfig(model=args.model, haystack=args.haystack, needle=args.needle, out=out, progress=False,
                          **over)
         cells = len(cfg.grid_lengths()) * len(cfg.grid_depths()) * len(cfg.modes)
         print(f"grid: lengths {cfg.grid_lengths()} x depths {cfg.grid_depths()} x modes {cfg.modes} "
-              f"= {cells} cells, max_new_tokens {cfg.max_new_tokens}, threads {torch.get_num_threads()}")
+              f"= {cells} cells, max_new_tokens {cfg.max_new_tokens}, threads {torch.get_num_threads()}, "
+              f"{model.device} {model.dtype}")
         t0 = time.perf_counter()
         plain = plain_loop(cfg, model, tok)
         t_plain = time.perf_counter() - t0
@@ -118,6 +157,10 @@ def main() -> None:
         other = plain[(r["mode"], r["length"], r["depth"])]
         if other != r["answer"]:
             print(f"  differs at {r['mode']} L={r['length']} d={r['depth']}: {r['answer']!r} vs {other!r}")
+    print("\n| mode | tokens | prefill SDPA kernel | decode SDPA kernel | peak CUDA MiB |\n|---|---:|---|---|---:|")
+    for row in kernel_probe(cfg, model, tok):
+        mib = f"{row['peak_cuda_mib']:.0f}" if row["peak_cuda_mib"] is not None else "—"
+        print(f"| {row['mode']} | {row['tokens']} | {row['prefill']} | {row['decode']} | {mib} |")
 
 
 if __name__ == "__main__":

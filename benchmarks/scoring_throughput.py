@@ -22,6 +22,9 @@ also measured on one synthetic conversation of about 1k and 8k tokens.
 
     python benchmarks/scoring_throughput.py --n 20 --reference-n 2 --memory-lengths 512,1024   # quick
     python benchmarks/scoring_throughput.py                                                     # full
+    python benchmarks/scoring_throughput.py --device cuda --dtype bfloat16 --model DIR          # on a GPU
+
+Ours also prints the SDPA kernel (``sdpa_probe``) its calls to the unmeasured layers were eligible for.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sdpa_probe import kernel_summary, recorded_kernels  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "instructions" / "converted" \
     / "messages_mixed.jsonl"
@@ -137,9 +143,10 @@ def _role_ours(args) -> dict:
     from ctxaware.scoring import Scorer, ScoringConfig
 
     convs = [r["messages"] for r in _sample(args.data, args.n, args.seed)]
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     scorer = Scorer(model, tok, ScoringConfig(max_length=args.max_length, batch_size=args.batch_size))
-    scorer.score_many(convs[:2])  # warm-up (lazy imports, kernel selection)
+    with recorded_kernels() as kernels:
+        scorer.score_many(convs[:2])  # warm-up (lazy imports, kernel selection); SDPA kernels of its calls
     peak = _Peak(args.device)
     _sync(args.device)
     t0 = time.perf_counter()
@@ -155,7 +162,7 @@ def _role_ours(args) -> dict:
     return {"seconds": total, "subset_seconds": subset, "memory": memory, "layer": scorer.layer,
             "tokens": [len(p.ids) for p in prepared], "turns": sum(len(p.turns) for p in prepared),
             "scores": [[s for s in (r.scores or []) if s is not None] for r in rows],
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "sdpa_kernels": kernel_summary(kernels)}
 
 
 def _role_reference(args) -> dict:
@@ -163,7 +170,7 @@ def _role_reference(args) -> dict:
     from ctxaware.scoring import Scorer, ScoringConfig
 
     convs = [r["messages"] for r in _sample(args.data, args.n, args.seed)][:args.reference_n]
-    model, tok = load_model(args.model, device=args.device, attn_implementation="eager")
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation="eager")
     scorer = Scorer(model, tok, ScoringConfig(max_length=args.max_length))
     prepared = [scorer.prepare(c) for c in convs]
     peak = _Peak(args.device)
@@ -176,7 +183,7 @@ def _role_memory(args) -> dict:
     from ctxaware.models import load_model
     from ctxaware.scoring import Scorer, ScoringConfig
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     per = len(tok(FILLER, add_special_tokens=False)["input_ids"])
     reps = max(3, args.tokens // per)
     conv = [{"role": "user", "content": FILLER * (reps * 2 // 3) + "Summarise the passage."},
@@ -195,7 +202,7 @@ def _role_memory(args) -> dict:
 
 def _child(role: str, args, **extra) -> dict:
     cmd = [sys.executable, __file__, "--_role", role, "--n", str(args.n), "--reference-n", str(args.reference_n),
-           "--data", str(args.data), "--device", args.device, "--batch-size", str(args.batch_size),
+           "--data", str(args.data), "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--seed", str(args.seed)]
     if args.model:
         cmd += ["--model", args.model]
@@ -216,6 +223,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--model", default=None, help="probe model (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="float32", help="weights dtype of both sides (default: float32, for the "
+                    "|Δscore| comparison; bfloat16 on a GPU)")
     ap.add_argument("--batch-size", type=int, default=8, help="our batch size (default 8)")
     ap.add_argument("--max-length", type=int, default=2047)
     ap.add_argument("--memory-lengths", default="1024,8192", help="token counts for our memory probe")
@@ -241,7 +250,8 @@ def main() -> int:
     tokens = ours["tokens"]
     print(f"ours: {n} conversations, {ours['turns']} scored turns, layer {ours['layer']}, tokens per "
           f"conversation mean {statistics.mean(tokens):.0f} / median {statistics.median(tokens):.0f} / "
-          f"max {max(tokens)}, {ours['seconds']:.1f} s", flush=True)
+          f"max {max(tokens)}, {ours['seconds']:.1f} s; SDPA kernels of the unmeasured layers: "
+          f"{ours['sdpa_kernels']}", flush=True)
     ref = _child("reference", args)
     ref_per = statistics.mean(ref["seconds"])
     ref_total = ref_per * n
@@ -277,7 +287,7 @@ def main() -> int:
           f"{ratio:.1f}x   (target >= 4x)")
     print(f"throughput ratio on the common {k} conversations (both measured): {subset_ratio:.1f}x")
     print(f"max |Δscore| over the {len(deltas)} turns scored by both: {delta:.2e}   (target <= 1e-4)")
-    result = {"n": n, "reference_n": k, "device": args.device, "layer": ours["layer"],
+    result = {"n": n, "reference_n": k, "device": args.device, "dtype": args.dtype, "sdpa_kernels": ours["sdpa_kernels"], "layer": ours["layer"],
               "tokens_mean": statistics.mean(tokens), "ours_seconds": ours["seconds"],
               "ours_subset_seconds": ours["subset_seconds"], "reference_seconds_each": ref["seconds"],
               "reference_seconds_total": ref_total, "reference_extrapolated": extrapolated,
