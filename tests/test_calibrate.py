@@ -255,19 +255,26 @@ def test_judge_compares_chat_all_heads_and_the_file(tiny, tmp_path):
              "question": "How long is the Vell?", "answers": {"text": [f"{i} kilometres"], "answer_start": [16]}}
             for i in range(3)]
     squad.write_text("\n".join(json.dumps(r) for r in rows))
+    drop = tmp_path / "drop.jsonl"
+    drop.write_text("\n".join(json.dumps({"line": i, "passage": f"Brenn had {i} mills and {i + 2} bridges.",
+                                          "question": "How many bridges did Brenn have?", "answers": [str(i + 2)]})
+                              for i in range(4)))
     path = write_steering_file(tmp_path / "steering.yaml", SteeringConfig(alpha=0.3, heads="1:0,2"),
                                {"model": str(model_dir), "guard": {"margin_nats": 0.05}})
     result = judge(JudgeConfig(steering=str(path), out=str(tmp_path / "judge"), lengths="400", depths="0,50",
-                               qa=str(squad), qa_examples=3, guard_examples=2, max_new_tokens=3, progress=False))
+                               qa=str(squad), qa_examples=3, guard_examples=2, max_new_tokens=3, progress=False,
+                               drop=str(drop), drop_examples=3))
     table = result["table"]
     assert list(table) == ["chat", "chat+all@0.9", "chat+file"]
     for row in table.values():
         assert row["niah_cells"] == 2 and row["squad_n"] == 3 and 0 <= row["squad_contains"] <= 1
+        assert row["drop_n"] == 3 and 0 <= row["drop_contains"] <= 1
     assert table["chat"]["guard_qa_rise"] == 0.0 and table["chat"]["guard_passed"]
     assert table["chat+file"]["guard_qa_rise"] != table["chat+all@0.9"]["guard_qa_rise"]
     files = {r["alpha"] for r in read_records_of(tmp_path / "judge" / "niah-file")}
     assert files == {0.3}
-    assert (tmp_path / "judge" / "judge.md").read_text().count("\n") == 5
+    md = (tmp_path / "judge" / "judge.md").read_text()
+    assert md.count("\n") == 5 and "DROP contains" in md and "(n=3)" in md.splitlines()[2]
 
 
 def read_records_of(directory):

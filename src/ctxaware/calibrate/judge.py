@@ -45,6 +45,9 @@ class JudgeConfig(ConfigMixin):
     qa_examples: int = field(20, help="SQuAD questions (seeded sample of passages under 1500 characters)")
     niah: bool = field(True, help="run the held-out NIH grid (--no-niah: SQuAD and guard only)")
     qa_seed: int = field(1, help="seed of the SQuAD sample (the guard uses seed 0: a different sample)")
+    drop: str = field("", metavar="FILE", help="DROP file (.jsonl rows or original JSON) for a second QA sample, "
+                                               "seeded like SQuAD; empty = no DROP")
+    drop_examples: int = field(20, help="DROP questions (seeded sample of passages under 1500 characters)")
     instructions: str = field("", metavar="FILE", help="guard conversations (JSONL); empty = built-in")
     guard_examples: int = field(8, help="examples per guard set")
     max_new_tokens: int = field(40, help="greedy budget per NIH answer")
@@ -55,11 +58,12 @@ class JudgeConfig(ConfigMixin):
             raise ConfigError("judge needs --steering FILE (the steering.yaml written by ctxaware calibrate)")
         if not 0 < float(self.baseline_alpha) <= 1:
             raise ConfigError(f"baseline_alpha must lie in (0, 1], got {self.baseline_alpha}")
-        if int(self.qa_examples) < 1:
-            raise ConfigError(f"qa_examples must be >= 1, got {self.qa_examples}")
+        for name in ("qa_examples", "drop_examples"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _squad_sample(path: str, n: int, seed: int) -> list[dict]:
+def _squad_sample(path: str, n: int, seed: int, dataset: str = "squad") -> list[dict]:
     import random
 
     from ..harness.data import parse_records
@@ -67,12 +71,12 @@ def _squad_sample(path: str, n: int, seed: int) -> list[dict]:
     p = Path(path)
     text = p.read_text(encoding="utf-8")
     doc = [json.loads(x) for x in text.splitlines() if x.strip()] if p.suffix == ".jsonl" else json.loads(text)
-    rows = [r for r in parse_records("squad", doc, str(p)) if len(r["passage"]) <= 1500 and r["answers"]]
+    rows = [r for r in parse_records(dataset, doc, str(p)) if len(r["passage"]) <= 1500 and r["answers"]]
     return rows if len(rows) <= n else random.Random(seed).sample(rows, n)
 
 
-def qa_contains(model: Any, tokenizer: Any, rows: list[dict], steering: Any, *, max_new_tokens: int = 48
-                ) -> list[float]:
+def qa_contains(model: Any, tokenizer: Any, rows: list[dict], steering: Any, *, max_new_tokens: int = 48,
+                dataset: str = "squad") -> list[float]:
     """"contains" per question, answers cut at the first ". " (greedy; steered when ``steering`` is active)."""
     from ..chat import render
     from ..harness.qa import build_prompt, contains
@@ -80,20 +84,22 @@ def qa_contains(model: Any, tokenizer: Any, rows: list[dict], steering: Any, *, 
 
     active = steering is not None and steering.active
     engine = GreedyEngine(model, tokenizer, max_new_tokens, steer_config=steering if active else None)
-    jobs = [Job(render(tokenizer, [{"role": "user", "content": build_prompt("squad", r["passage"], r["question"])}],
+    jobs = [Job(render(tokenizer, [{"role": "user", "content": build_prompt(dataset, r["passage"], r["question"])}],
                        add_generation_prompt=True), steer=active, tag=i) for i, r in enumerate(rows)]
     answers: dict[int, str] = {}
     engine.run(jobs, lambda job, text: answers.__setitem__(job.tag, text))
     return [contains(answers[i].split(". ")[0], r["answers"]) for i, r in enumerate(rows)]
 
 
-def _qa_and_guard(model: Any, tokenizer: Any, squad: list[dict], guard: Any, steering: Any) -> dict[str, Any]:
+def _qa_and_guard(model: Any, tokenizer: Any, squad: list[dict], guard: Any, steering: Any,
+                  drop: list[dict] | None = None) -> dict[str, Any]:
     from .guard import mean_se
 
     row: dict[str, Any] = {}
-    if squad:
-        m, se = mean_se(qa_contains(model, tokenizer, squad, steering))
-        row.update(squad_contains=m, squad_se=se, squad_n=len(squad))
+    for name, rows in (("squad", squad), ("drop", drop or [])):
+        if rows:
+            m, se = mean_se(qa_contains(model, tokenizer, rows, steering, dataset=name))
+            row.update({f"{name}_contains": m, f"{name}_se": se, f"{name}_n": len(rows)})
     g = guard.check(steering)
     row.update({f"guard_{k}_rise": g[k]["rise"] for k in ("instructions", "qa")}, guard_passed=g["passed"])
     return row
@@ -106,6 +112,8 @@ def _cached(out: Path, cfg: JudgeConfig, steering: Any, compute: Any) -> dict[st
     key = {"steering": steering.to_dict() if steering is not None and steering.active else None, "qa": cfg.qa,
            "qa_examples": cfg.qa_examples, "qa_seed": cfg.qa_seed, "instructions": cfg.instructions,
            "guard_examples": cfg.guard_examples, "model": cfg.model}
+    if cfg.drop:  # (keys without DROP stay those of earlier runs)
+        key.update(drop=cfg.drop, drop_examples=cfg.drop_examples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = out / "conditions" / f"{digest}.json"
     if path.is_file():
@@ -157,6 +165,7 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
                                "qa": qa_set(cfg.qa or None, cfg.guard_examples)}, margin=float(
                                    (meta.get("guard") or {}).get("margin_nats", 0.05)))
     squad = _squad_sample(cfg.qa, cfg.qa_examples, cfg.qa_seed) if cfg.qa else []
+    drop = _squad_sample(cfg.drop, cfg.drop_examples, cfg.qa_seed, "drop") if cfg.drop else []
     table = {}
     lost = {(r["length"], r["depth"]) for r in niah["chat"] if r["recall"] < 1.0}
     for name, steering in conditions.items():
@@ -165,18 +174,19 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
                "niah_mean_recall": sum(r["recall"] for r in cells) / max(1, len(cells)),
                "recovered_of_lost": sum(1 for r in cells if (r["length"], r["depth"]) in lost and r["recall"] >= 1.0),
                "lost_by_chat": len(lost)}
-        row.update(_cached(out, cfg, steering, lambda st=steering: _qa_and_guard(model, tok, squad, guard, st)))
+        row.update(_cached(out, cfg, steering, lambda st=steering: _qa_and_guard(model, tok, squad, guard, st, drop)))
         table[name] = row
     result = {"steering_file": str(cfg.steering), "file_config": file_cfg.to_dict(), "model": model_name,
               "held_out": {"haystack": cfg.haystack, "needle": cfg.needle, "lengths": cfg.lengths,
                            "depths": cfg.depths}, "guard": guard.describe(), "table": table}
     atomic_write_json(out / "judge.json", result)
     lines = ["| condition | NIH cells with recall 1 | lost cells recovered | mean recall | SQuAD contains (± SE) "
-             "| guard: instr. loss rise | guard: QA loss rise |", "|---|---|---|---|---|---|---|"]
+             "| DROP contains (± SE) | guard: instr. loss rise | guard: QA loss rise |", "|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
-        qa_txt = f"{r['squad_contains']:.3f} ± {r['squad_se']:.3f} (n={r['squad_n']})" if "squad_contains" in r else "-"
+        qa_txt, drop_txt = (f"{r[f'{d}_contains']:.3f} ± {r[f'{d}_se']:.3f} (n={r[f'{d}_n']})"
+                            if f"{d}_contains" in r else "-" for d in ("squad", "drop"))
         lines.append(f"| {name} | {r['niah_perfect']}/{r['niah_cells']} | {r['recovered_of_lost']}/{r['lost_by_chat']} "
-                     f"| {r['niah_mean_recall']:.3f} | {qa_txt} | {r['guard_instructions_rise']:+.4f} "
+                     f"| {r['niah_mean_recall']:.3f} | {qa_txt} | {drop_txt} | {r['guard_instructions_rise']:+.4f} "
                      f"| {r['guard_qa_rise']:+.4f} |")
     atomic_write_text(out / "judge.md", "\n".join(lines) + "\n")
     result["markdown"] = "\n".join(lines)
