@@ -51,6 +51,21 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+fsync_dir = _fsync_dir  # public name: make a rename or a new file in ``directory`` durable
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file under ``root`` and every directory holding them (e.g. a training checkpoint)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for d, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(d))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8",
                  newline: str | None = None) -> Iterator[IO[Any]]:

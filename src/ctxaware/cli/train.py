@@ -3,7 +3,10 @@
 ``ctxaware train --recipe smollm2-cpu --dataset labelled.jsonl --output-dir runs/ind`` trains with a
 shipped recipe; ``--config recipe.yaml`` reads your own; any option below overrides both, and
 ``--sft-arg KEY=VALUE`` sets any other trl.SFTConfig field. ``--no-indicator`` strips [IND] from
-the data: the vanilla baseline of the same recipe. Several GPUs:
+the data: the vanilla baseline of the same recipe. ``--resume-from-checkpoint auto`` (or
+``latest``) continues from the newest complete ``checkpoint-*`` in the output directory, skipping
+one a kill left half-written: rerunning the same command after a crash finishes the same run.
+Several GPUs:
 ``accelerate launch --config_file $(ctxaware train --accelerate-config zero3) -m ctxaware train ...``.
 """
 
@@ -84,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
     result = train(config)
     summary = {"output_dir": result.output_dir, "adapter": result.adapter, "indicator_id": result.indicator_id,
                "examples": result.data.num_examples, "supervised_tokens": result.data.num_supervised,
-               "train_loss": result.metrics.get("train_loss"), "steps": result.metrics.get("global_step")}
+               "train_loss": result.metrics.get("train_loss"), "steps": result.metrics.get("global_step"),
+               "resumed_from": result.resumed_from}
     if args.json:
         print(json.dumps(summary))
     else:
         kind = "adapter" if result.adapter else "model"
         loss = summary["train_loss"]
+        resumed = f"; resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"saved {kind} to {result.output_dir} ({result.data.summary()}; "
-              f"train loss {loss:.4f})" if loss is not None else f"saved {kind} to {result.output_dir}")
+              f"train loss {loss:.4f}{resumed})" if loss is not None else f"saved {kind} to {result.output_dir}")
     return 0

@@ -90,8 +90,10 @@ class TrainConfig(ConfigMixin):
     logging_steps: int = field(10, help="log every N steps")
     save_steps: int = field(500, help="save a checkpoint every N steps")
     save_total_limit: int | None = field(2, help="keep at most N checkpoints")
-    resume_from_checkpoint: str | None = field(None, metavar="DIR|latest", help="resume from this checkpoint "
-                                               "directory, or the latest one in --output-dir")
+    resume_from_checkpoint: str | None = field(None, metavar="DIR|latest|auto", help="resume from this "
+                                               "checkpoint directory; 'latest': the newest complete one in "
+                                               "--output-dir (one a kill left half-written is skipped); 'auto': "
+                                               "that, or from scratch when there is none")
     report_to: str = field("none", help="experiment trackers (transformers names, comma-separated)")
     trust_remote_code: bool = field(False, help="allow model code from the Hub")
     progress: bool = field(True, help="show progress bars")

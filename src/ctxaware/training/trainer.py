@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, MissingDependencyError, require
+from ..fsio import fsync_dir, fsync_tree
+from .checkpoints import resume_checkpoint
 from .conditions import (add_indicator_token, count_indicated, count_indicated_turns, indicator_token_id,
                          prepare_conversations)
 from .config import TrainConfig
@@ -55,6 +58,7 @@ class TrainResult:
     adapter: bool
     data: TrainingData
     log_history: list[dict[str, Any]]
+    resumed_from: str | None = None  # the checkpoint training resumed from, if any
 
 
 def _on_gpu(config: TrainConfig) -> tuple[bool, bool]:
@@ -188,26 +192,15 @@ def _trainer_class():
                 self.processing_class.save_pretrained(output_dir)
             return None
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:  # make the finished checkpoint durable before training goes on
+                from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+                run_dir = Path(self._get_output_dir(trial=trial))
+                fsync_tree(run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
     return CtxawareSFTTrainer
-
-
-def _resume_arg(config: TrainConfig) -> str | bool | None:
-    value = config.resume_from_checkpoint
-    if value in (None, "", False):
-        return None
-    if str(value).lower() in ("latest", "last", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        if not config.output_dir:
-            config.require_paths()
-        out = Path(str(config.output_dir))
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise ConfigError(f"resume_from_checkpoint: latest, but {out} holds no checkpoint-* directory")
-        return last
-    if not Path(str(value)).is_dir():
-        raise ConfigError(f"checkpoint directory not found: {value}")
-    return str(value)
 
 
 def build_trainer(config: TrainConfig, *, model=None, tokenizer=None,
@@ -274,10 +267,7 @@ def _is_fsdp(trainer) -> bool:
 
 def _save_tokenizer_atomically(tokenizer, out: Path) -> None:
     """Write the tokenizer files into a temporary directory next to ``out``, fsync, then rename each in."""
-    import shutil
     import tempfile
-
-    from ..fsio import _fsync_dir
 
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
     try:
@@ -287,16 +277,30 @@ def _save_tokenizer_atomically(tokenizer, out: Path) -> None:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
                 os.replace(f, out / f.name)
-        _fsync_dir(out)
+        fsync_dir(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_in(stage: Path, out: Path) -> None:
+    """fsync the files written under ``stage`` and rename each into the same place under ``out``."""
+    fsync_tree(stage)
+    for d, _, files in os.walk(stage):
+        rel = Path(d).relative_to(stage)
+        (out / rel).mkdir(parents=True, exist_ok=True)
+        for name in sorted(files):
+            os.replace(Path(d) / name, out / rel / name)
+        fsync_dir(out / rel)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def save_trained(setup: TrainSetup, output_dir: str | os.PathLike | None = None) -> str:
     """Save the trained model (or adapter), the tokenizer with ``[IND]``, and the recipe used.
 
-    Weights go through ``Trainer.save_model``: under FSDP (whatever its checkpoint state-dict
-    type) the full state dict is gathered from every rank, under DeepSpeed ZeRO-3 the 16-bit
+    Weights go through ``Trainer.save_model`` into a staging directory inside ``output_dir``, are
+    fsynced and renamed into place, so a kill while saving never leaves a torn weights file. Under
+    FSDP (whatever its checkpoint state-dict type) the full state dict is gathered from every
+    rank, under DeepSpeed ZeRO-3 the 16-bit
     weights are consolidated, and only the process with ``args.should_save`` writes. Every
     process must call this (the gathers are collective). The tokenizer and ``ctxaware_train.yaml``
     are written by that process only, atomically; all processes return once the files exist.
@@ -312,12 +316,18 @@ def save_trained(setup: TrainSetup, output_dir: str | os.PathLike | None = None)
         cfg.base_model_name_or_path = setup.base_ref
     if _is_fsdp(trainer):  # a sharded checkpoint type would make save_model write nothing
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    stage = out / ".ctxaware-save.tmp"  # the same path on every process (save_model is collective)
+    if main:
+        shutil.rmtree(stage, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
     trainer._ctxaware_skip_tokenizer = True
     try:
-        trainer.save_model(str(out))
+        trainer.save_model(str(stage))
     finally:
         trainer._ctxaware_skip_tokenizer = False
+    trainer.accelerator.wait_for_everyone()
     if main:
+        _move_in(stage, out)  # weights fsynced, then renamed over the previous ones file by file
         _save_tokenizer_atomically(setup.tokenizer, out)
         setup.config.save(out / CONFIG_FILE)
     trainer.accelerator.wait_for_everyone()
@@ -326,7 +336,7 @@ def save_trained(setup: TrainSetup, output_dir: str | os.PathLike | None = None)
 
 def train(config: TrainConfig, **build_kwargs: Any) -> TrainResult:
     """Build the trainer for ``config``, train, save to ``config.output_dir``, and report."""
-    resume = _resume_arg(config)
+    resume = resume_checkpoint(config)
     setup = build_trainer(config, **build_kwargs)
     output = setup.trainer.train(resume_from_checkpoint=resume)
     out = save_trained(setup)
@@ -334,4 +344,4 @@ def train(config: TrainConfig, **build_kwargs: Any) -> TrainResult:
     metrics["global_step"] = float(output.global_step)
     return TrainResult(output_dir=out, metrics=metrics, indicator_id=setup.indicator_id,
                        adapter=bool(getattr(setup.trainer.model, "peft_config", None)), data=setup.data,
-                       log_history=list(setup.trainer.state.log_history))
+                       log_history=list(setup.trainer.state.log_history), resumed_from=resume)
