@@ -1,8 +1,12 @@
-"""NIH result files: the resumable JSONL of cells, the manifest, and the summary.
+"""NIH result files: the resumable JSONL of cells, their timings, the manifest, and the summary.
 
 ``results.jsonl`` gets one JSON line per finished cell, flushed and fsynced as soon as the cell
 is done, so ``kill -9`` loses at most the cells in flight. On reopening, a torn last line is cut
-off and the finished cells are skipped by their key. ``manifest.json`` records the configuration
+off and the finished cells are skipped by their key. A cell's record holds only what the cell
+computed (no wall-clock time), and when a run ends the file is put in grid order, so a study
+killed and resumed any number of times ends with the same ``results.jsonl``, byte for byte, as an
+uninterrupted one. The seconds each cell took go to ``timings.jsonl`` (``{"key", "seconds"}``
+lines, appended the same way), which the summary sums per mode. ``manifest.json`` records the configuration
 and library versions. Cells are reused across runs whatever the grid, modes or steering (those are
 in each cell's key); only a directory of a different *study* (``study`` dict: model, needle,
 haystack content, decoding budget, dtype, ...) is refused, unless ``overwrite`` is set, which
@@ -20,10 +24,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ConfigError, InputError, InputFileNotFoundError
-from ..fsio import atomic_write_json, atomic_write_text, repair_jsonl
+from ..fsio import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
 from .scoring import format_table, summarize
 
 RESULTS = "results.jsonl"
+TIMINGS = "timings.jsonl"
 MANIFEST = "manifest.json"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -54,21 +59,40 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``results.jsonl`` (or of the one in a directory); a torn last line is ignored."""
+    """Records of a ``results.jsonl`` (or of the one in a directory); a torn last line is ignored.
+
+    A corrupt line elsewhere is an :class:`InputError` naming the file and line.
+    """
     p = Path(path)
     if p.is_dir():
         p = p / RESULTS
     if not p.is_file():
         raise InputFileNotFoundError(f"no NIH results at {p}")
-    records = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by an interruption; the cell is redone on resume
-    return records
+    return [r for r in read_jsonl(p, what="NIH results file") if isinstance(r, dict)]
+
+
+def read_timings(directory: str | Path) -> dict[str, float]:
+    """Seconds per cell key from ``timings.jsonl`` (the last line of a key wins); empty when there is none."""
+    p = Path(directory) / TIMINGS
+    if not p.is_file():
+        return {}
+    out: dict[str, float] = {}
+    for r in read_jsonl(p, what="NIH timings file"):
+        if isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("seconds"), (int, float)):
+            out[r["key"]] = float(r["seconds"])
+    return out
+
+
+def with_seconds(records: Iterable[dict[str, Any]], timings: dict[str, float]) -> list[dict[str, Any]]:
+    """``records`` with each cell's ``seconds`` from ``timings`` (records of older versions carry their own)."""
+    return [{**r, "seconds": timings.get(r.get("key"), r.get("seconds", 0.0))} for r in records]
+
+
+def _append_lines(path: Path, lines: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class ResultStore:
@@ -100,7 +124,7 @@ class ResultStore:
                     raise ConfigError(f"{self.dir} holds NIH results of a different study (differs in: "
                                       f"{', '.join(diff) or 'manifest unreadable'}); use another --out, or "
                                       "--overwrite to discard them")
-                for name in (RESULTS, SUMMARY_JSON, SUMMARY_MD):
+                for name in (RESULTS, TIMINGS, SUMMARY_JSON, SUMMARY_MD):
                     (self.dir / name).unlink(missing_ok=True)
                 for png in self.dir.glob("*.png"):
                     png.unlink()
@@ -108,6 +132,7 @@ class ResultStore:
             raise ConfigError(f"{self.path} exists without a manifest; use another --out or --overwrite")
         elif overwrite:
             self.path.unlink(missing_ok=True)
+            (self.dir / TIMINGS).unlink(missing_ok=True)
         _write_json(manifest, {"study": self.study, **({"config": self.config} if self.config else {}),
                                "versions": versions(),
                                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -119,25 +144,57 @@ class ResultStore:
     def _repair(self) -> None:
         """Cut a torn last line (from a kill mid-write) so appends start on a fresh line."""
         repair_jsonl(self.path)  # no newline, or a complete line that is not JSON (NUL padding)
+        repair_jsonl(self.dir / TIMINGS)
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append finished cells and make them durable before returning."""
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+    def append(self, records: Iterable[dict[str, Any]], seconds: dict[str, float] | None = None) -> None:
+        """Append finished cells (and, to ``timings.jsonl``, the seconds they took) durably before returning."""
+        records = list(records)
+        _append_lines(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        if seconds:
+            _append_lines(self.dir / TIMINGS, "".join(json.dumps({"key": k, "seconds": round(float(v), 3)}) + "\n"
+                                                      for k, v in seconds.items()))
         for r in records:
             self.done[r["key"]] = r
+
+    def finalize(self, keys: list[str]) -> bool:
+        """Rewrite ``results.jsonl`` (atomically) with the cells of ``keys`` in that order, after any other
+        cells the directory holds (in their file order); returns whether the file changed.
+
+        Cells are appended as they finish, and which finish first depends on where earlier runs
+        were interrupted; this makes the final file independent of that.
+        """
+        if not self.path.is_file():
+            return False
+        data = self.path.read_bytes()
+        lines = [ln for ln in data.split(b"\n") if ln.strip()]
+        wanted = set(keys)
+        by_key: dict[str, bytes] = {}
+        others: list[bytes] = []
+        for ln in lines:
+            rec = json.loads(ln)
+            key = rec.get("key") if isinstance(rec, dict) else None
+            if key in wanted:
+                by_key[key] = ln
+            else:
+                others.append(ln)
+        ordered = others + [by_key[k] for k in keys if k in by_key]
+        new = b"".join(ln + b"\n" for ln in ordered)
+        if new == data:
+            return False
+        atomic_write_text(self.path, new.decode("utf-8"))
+        return True
 
 
 def write_summary(out: str | Path, records: list[dict[str, Any]], modes: list[str] | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Write ``summary.json`` and ``summary.md`` (average recall error per mode); return the summary."""
+    """Write ``summary.json`` and ``summary.md`` (average recall error per mode); return the summary.
+
+    Each mode's ``seconds`` sums its cells' wall-clock times from ``out/timings.jsonl``.
+    """
     out = Path(out)
     if not records:
         raise InputError(f"no finished NIH cells in {out}")
-    summary = summarize(records, modes)
+    summary = summarize(with_seconds(records, read_timings(out)), modes)
     _write_json(out / SUMMARY_JSON, {"modes": summary, **(extra or {})})
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})

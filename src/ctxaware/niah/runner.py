@@ -95,14 +95,15 @@ def check_grid(cfg: NiahConfig, model: Any, steer: Any) -> list[int]:
 
 
 def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, haystack_id: str, cell: Cell,
-            answer: str, seconds: float) -> dict[str, Any]:
+            answer: str) -> dict[str, Any]:
+    """What a cell computed (no wall-clock time: that goes to ``timings.jsonl``, keeping this reproducible)."""
     r = cell.prompt.rendered
     rec = {
         "key": cell.key, "model": model_name, "mode": cell.mode, "needle": needle.name, "haystack": haystack_id,
         "length": cell.length, "tokens": r.prompt_len, "depth": cell.depth,
         "needle_token": cell.placement.needle_token_index, "haystack_tokens": cell.placement.haystack_tokens,
         "prompt_sha256": hashlib.sha256(r.text.encode("utf-8")).hexdigest(),
-        "answer": answer, "recall": recall(answer, needle.keywords), "seconds": round(seconds, 3),
+        "answer": answer, "recall": recall(answer, needle.keywords),
     }
     if cell.prompt.prefix:
         rec["prefix"] = cell.prompt.prefix
@@ -161,8 +162,9 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
         c.prompt = build_prompt(tokenizer, c.placement.text, needle, c.mode, system=cfg.system,
                                 system_message=cfg.system_message)
     _generate(cfg, model, tokenizer, todo, steer_cfg,
-              lambda cell, answer, secs: store.append([_record(steer_tag, model_name, needle, hay.id, cell, answer,
-                                                               secs)]))
+              lambda cell, answer, secs: store.append([_record(steer_tag, model_name, needle, hay.id, cell, answer)],
+                                                      seconds={cell.key: secs}))
+    store.finalize([c.key for c in cells])  # grid order, whatever order the cells finished in
     records = [store.done[c.key] for c in cells if c.key in store.done]
     summary = write_summary(store.dir, records, cfg.modes, extra={"model": model_name, "needle": needle.name,
                                                                   "haystack": hay.id})
