@@ -5,7 +5,8 @@ with the mask function of the implementation it wraps registered under the same 
 ``AttentionMaskInterface`` (without it the attention function would silently get no mask):
 
 * ``"ctxaware_sdpa"`` wraps ``sdpa`` (mask: ``sdpa_mask``);
-* ``"ctxaware_eager"`` wraps ``eager`` (mask: ``eager_mask``).
+* ``"ctxaware_eager"`` wraps ``eager`` (mask: ``eager_mask``);
+* ``"ctxaware_flex"`` wraps ``flex_attention`` (mask: ``flex_attention_mask``; :mod:`.flex_backend`).
 
 The model itself is never modified beyond its configs' ``_attn_implementation``, switched by
 :func:`shared_switch` (reference-counted, so two threads steering one model do not restore it
@@ -36,7 +37,7 @@ from . import functional as AF
 from . import share as AS
 from .plan import KeyBiasPlan, active_plans, plan_for_config, pop_plan, push_plan
 
-__all__ = ["EAGER_NAME", "SDPA_NAME", "KeyBiasPlan", "active_plans", "eager_attention", "model_configs",
+__all__ = ["EAGER_NAME", "FLEX_NAME", "SDPA_NAME", "KeyBiasPlan", "active_plans", "eager_attention", "model_configs",
            "model_dims", "plan_for_config", "pop_plan", "push_plan", "register", "sdpa_attention",
            "shared_switch", "steered_name", "supports_registry", "switched_implementation"]
 
@@ -44,7 +45,8 @@ logger = logging.getLogger(__name__)
 
 SDPA_NAME = "ctxaware_sdpa"
 EAGER_NAME = "ctxaware_eager"
-WRAPPED = {SDPA_NAME: "sdpa", EAGER_NAME: "eager"}
+FLEX_NAME = "ctxaware_flex"
+WRAPPED = {SDPA_NAME: "sdpa", EAGER_NAME: "eager", FLEX_NAME: "flex_attention"}
 
 _LOCK = threading.Lock()
 _SWITCHED: dict[int, list] = {}
@@ -125,9 +127,8 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling,
                                   add=AF.additive_bias(coef, down), dropout=dropout)
     else:
-        q_ch, k_ch = AF.bias_channels(coef, down, scaling=scaling, dtype=query.dtype, head_dim=query.shape[-1])
-        out = AF.sdpa_channels(query, key, value, attention_mask, scaling=scaling, q_channels=q_ch,
-                               k_channels=k_ch, is_causal=causal, dropout=dropout)
+        out = AF.sdpa_key_bias(query, key, value, attention_mask, scaling=scaling, coef=coef, down=down,
+                               is_causal=causal, dropout=dropout)
     return out, None
 
 
@@ -263,21 +264,27 @@ def register() -> None:
     if _REGISTERED:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, flex_attention_mask, sdpa_mask
+
+    from .flex_backend import flex_attention
 
     AttentionInterface.register(SDPA_NAME, sdpa_attention)
     AttentionInterface.register(EAGER_NAME, eager_attention)
+    AttentionInterface.register(FLEX_NAME, flex_attention)
     AttentionMaskInterface.register(SDPA_NAME, _recording(sdpa_mask))
     AttentionMaskInterface.register(EAGER_NAME, _recording(eager_mask))
+    AttentionMaskInterface.register(FLEX_NAME, _recording(flex_attention_mask))
     _REGISTERED = True
 
 
 def steered_name(current: str | None) -> str:
-    """The ctxaware implementation wrapping ``current`` (``sdpa`` for anything but eager)."""
+    """The ctxaware implementation wrapping ``current`` (``sdpa`` for anything but eager and flex)."""
     if current in WRAPPED:
         return current  # type: ignore[return-value]
     if current == "eager":
         return EAGER_NAME
+    if current == "flex_attention":
+        return FLEX_NAME
     if current not in (None, "sdpa"):
         logger.warning("attention implementation %r is replaced by %s while steering (same math, "
                        "different kernel)", current, SDPA_NAME)

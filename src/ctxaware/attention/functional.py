@@ -14,6 +14,11 @@ the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α r
   (:mod:`.kernels`); on CPU, whose flash kernel takes any width, only the needed channels are
   added (each costs time there). ``v`` is zero-padded to the same width. The causal flag, a boolean padding
   mask and un-repeated grouped-query heads (``enable_gqa``) are passed through unchanged.
+* :func:`sdpa_key_bias` (what the registered backend calls): the bias ``coef ⊗ down`` through
+  :func:`sdpa_channels`, or — where only SDPA's math kernel could take the padded inputs and the
+  scores would be large, or when forced with :func:`.flex.use_path` — through compiled
+  ``flex_attention`` with a ``score_mod`` (:mod:`.flex`), which never materialises the scores; if
+  flex cannot compile the inputs, the chunked SDPA below is the fallback.
 * :func:`sdpa_decode_mask` (one query token in fp32/fp64): a float mask ``(B, H, 1, T)`` — O(T)
   per head — with the grouped query heads packed as query rows.
 * :func:`eager_bias`: the eager formula (scores + mask + bias, float32 softmax).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import flex as FX
 from .kernels import HALF, kernel_for
 
 CHUNK_QUERIES = 512  # query rows per chunk where only the math kernel can take the inputs
@@ -121,7 +127,8 @@ def sdpa_padded(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, attention_
     """SDPA on (possibly grouped-query) tensors with transformers' conventions; ``(B, H, Tq, Dv)``.
 
     Where no fused kernel can take the inputs (:func:`~.kernels.kernel_for` says ``math``) and the
-    scores would be large, queries are processed in chunks of :data:`CHUNK_QUERIES` rows, so at most
+    scores would be large, compiled flex_attention computes the output (no scores held, :mod:`.flex`);
+    where it cannot, queries are processed in chunks of :data:`CHUNK_QUERIES` rows, so at most
     ``B·H·CHUNK_QUERIES·Tk`` scores exist at a time.
     """
     n_rep = q2.shape[1] // k2.shape[1]
@@ -136,6 +143,10 @@ def sdpa_padded(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, attention_
     kernel = kernel_for(q2.shape, k2.shape, v2.shape, q2.dtype, q2.device, mask=mask_kind, dropout=dropout,
                         enable_gqa=bool(extra))
     if kernel == "math" and tq > CHUNK_QUERIES and tq * tk > CHUNK_MIN_SCORES:
+        if FX.current_path() != "sdpa" and dropout == 0.0:
+            out = FX.attention(q2, k2, v2, attention_mask, scaling=scaling, is_causal=is_causal)
+            if out is not None:
+                return out
         return _chunked(q2, k2, v2, attention_mask, scaling=scaling, is_causal=is_causal, dropout=dropout, **extra)
     return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=attention_mask, dropout_p=dropout,
                                           scale=scaling, is_causal=is_causal, **extra)
@@ -175,6 +186,58 @@ def sdpa_channels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     q2, k2, v2 = padded_qkv(query, key, value, q_channels, k_channels)
     out = sdpa_padded(q2, k2, v2, attention_mask, scaling=scaling, is_causal=is_causal, dropout=dropout)
     return out[..., :dv].transpose(1, 2).contiguous()
+
+
+def steered_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: str | None = None,
+                   dropout: float = 0.0) -> str:
+    """The SDPA kernel :func:`sdpa_channels` hands its padded inputs to (``query (B, H, Tq, D)``,
+    ``key``/``value`` ``(B, Hkv, Tk, D)``; ``mask``: None, ``"bool"`` or ``"float"``)."""
+    b, h, tq, d = query.shape
+    h_kv, tk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    width = padded_width(d, query.dtype, query.device.type)
+    gqa = h != h_kv and mask is None and not (query.is_cuda and query.dtype not in HALF)
+    heads = h_kv if gqa else h
+    return kernel_for((b, h, tq, width), (b, heads, tk, width), (b, heads, tk, width if dv == d else dv), query.dtype,
+                      query.device, mask=mask, dropout=dropout, enable_gqa=gqa)
+
+
+def flex_wanted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object,
+                dropout: float = 0.0) -> bool:
+    """Whether :func:`sdpa_key_bias` takes the flex path: forced by :func:`.flex.use_path` (``flex``:
+    always where flex runs; ``sdpa``: never), else (``auto``) where :func:`steered_kernel` is
+    ``math`` and the scores are large (more than :data:`CHUNK_QUERIES` query rows and
+    :data:`CHUNK_MIN_SCORES` scores). Never with dropout, which flex does not implement."""
+    path = FX.current_path()
+    if path == "sdpa" or dropout or not FX.supported(query.device, query.dtype):
+        return False
+    if path == "flex":
+        return True
+    tq, tk = query.shape[2], key.shape[2]
+    if tq <= CHUNK_QUERIES or tq * tk <= CHUNK_MIN_SCORES:
+        return False
+    mask = None if attention_mask is None else "bool" if attention_mask.dtype == torch.bool else "float"
+    return steered_kernel(query, key, value, mask, dropout) == "math"
+
+
+def sdpa_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                  *, scaling: float, coef: torch.Tensor, down: torch.Tensor, is_causal: bool = True,
+                  dropout: float = 0.0) -> torch.Tensor:
+    """SDPA-convention attention plus the bias ``coef[b, h, (q)] · down[b, k]``; ``(B, Tq, H, Dv)``.
+
+    ``coef``: float ``(B, H)`` or ``(B, H, Tq)``; ``down``: bool ``(B, Tk)``. Through compiled flex
+    where :func:`flex_wanted` (falling back to the channels if flex fails to compile), else through
+    :func:`sdpa_channels` with :func:`bias_channels`.
+    """
+    if flex_wanted(query, key, value, attention_mask, dropout):
+        tq, tk = query.shape[2], key.shape[2]
+        causal = bool(tq > 1 and attention_mask is None and is_causal)
+        k, v, dn = (key[:, :, :tq], value[:, :, :tq], down[:, :tq]) if causal and tk > tq else (key, value, down)
+        out = FX.attention(query, k, v, attention_mask, scaling=scaling, is_causal=causal, coef=coef, down=dn)
+        if out is not None:
+            return out.transpose(1, 2).contiguous()
+    q_ch, k_ch = bias_channels(coef, down, scaling=scaling, dtype=query.dtype, head_dim=query.shape[-1])
+    return sdpa_channels(query, key, value, attention_mask, scaling=scaling, q_channels=q_ch, k_channels=k_ch,
+                         is_causal=is_causal, dropout=dropout)
 
 
 def bias_channels(coef: torch.Tensor, down: torch.Tensor, *, scaling: float, dtype: torch.dtype,

@@ -152,6 +152,13 @@ def _allowed_rows(attention_mask, rows: torch.Tensor, key_len: int) -> tuple[tor
     causal = rows[:, None, :, None] >= torch.arange(key_len, device=device)[None, None, None, :]
     if attention_mask is None:
         return causal, None
+    if hasattr(attention_mask, "mask_mod"):  # flex_attention's BlockMask: its mask_mod on the gathered rows
+        k_idx = torch.arange(key_len, device=device)[None, None, None, :]
+        b_idx = torch.arange(rows.shape[0], device=device)[:, None, None, None]
+        kept = k_idx < attention_mask.seq_lengths[1]
+        allowed = attention_mask.mask_mod(b_idx, torch.zeros_like(b_idx), rows[:, None, :, None],
+                                          torch.minimum(k_idx, torch.tensor(attention_mask.seq_lengths[1] - 1)))
+        return (torch.as_tensor(allowed, device=device) & kept).expand(rows.shape[0], 1, rows.shape[1], key_len), None
     mask = attention_mask.to(device)
     if mask.dim() == 2:  # key padding only
         return causal & mask[:, None, None, :key_len].bool(), None
