@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import require
+from ..fsio import atomic_savefig
 
 _STYLES = ("-", "--", ":", "-.")
 _COLOURS = {"system": "tab:purple", "user": "tab:green", "assistant": "tab:blue", "template": "tab:gray"}
@@ -34,8 +35,7 @@ def plot_role_shares(series: Mapping[str, Mapping[str, Sequence[float]]], layers
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    try:
+        return atomic_savefig(fig, Path(path), dpi=120)  # temp file + fsync + rename
+    finally:
+        plt.close(fig)

@@ -7,12 +7,12 @@ are pure functions of the result records, so ``ctxaware niah plot DIR`` redraws 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError, require
+from ..fsio import atomic_savefig
 from .results import read_records
 
 COLORS = ("#F0496E", "#EBB839", "#0CD79F")  # red -> yellow -> green, as in the classic NIH figure
@@ -54,10 +54,7 @@ def _save(fig: Any, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return atomic_savefig(fig, path, format="png", dpi=120, bbox_inches="tight")  # temp + fsync + rename
 
 
 def _slug(mode: str) -> str:

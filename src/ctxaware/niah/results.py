@@ -16,7 +16,6 @@ deletes the cells that conflict — all of them then, since none is of this stud
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ConfigError, InputError, InputFileNotFoundError
-from ..fsio import atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
+from ..fsio import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
 from .scoring import format_table, summarize
 
 RESULTS = "results.jsonl"
@@ -88,13 +87,6 @@ def with_seconds(records: Iterable[dict[str, Any]], timings: dict[str, float]) -
     return [{**r, "seconds": timings.get(r.get("key"), r.get("seconds", 0.0))} for r in records]
 
 
-def _append_lines(path: Path, lines: str) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class ResultStore:
     """The output directory of one study: manifest check, finished cells, appending new ones."""
 
@@ -149,10 +141,11 @@ class ResultStore:
     def append(self, records: Iterable[dict[str, Any]], seconds: dict[str, float] | None = None) -> None:
         """Append finished cells (and, to ``timings.jsonl``, the seconds they took) durably before returning."""
         records = list(records)
-        _append_lines(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        with JsonlAppender(self.path) as app:  # one fsync per batch of cells
+            app.write_many(records)
         if seconds:
-            _append_lines(self.dir / TIMINGS, "".join(json.dumps({"key": k, "seconds": round(float(v), 3)}) + "\n"
-                                                      for k, v in seconds.items()))
+            with JsonlAppender(self.dir / TIMINGS) as app:
+                app.write_many({"key": k, "seconds": round(float(v), 3)} for k, v in seconds.items())
         for r in records:
             self.done[r["key"]] = r
 

@@ -7,11 +7,11 @@ with its numbers (:mod:`.verdict`), draws inline PNGs (:mod:`.charts`) and write
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+from ..fsio import atomic_write_text
 from .load import ModelResults, load_results
 from .verdict import Finding, niah_findings
 
@@ -24,12 +24,4 @@ def build_report(dirs: Iterable[str | Path], out: str | Path) -> Path:
 
     models = load_results(list(dirs))
     page = render_page(models, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(page)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(Path(out), page)  # temp file + fsync + rename

@@ -50,25 +50,13 @@ def load_steering_file(path: str | Path) -> SteeringConfig:
 def write_steering_file(path: str | Path, config: SteeringConfig, calibration: dict[str, Any] | None = None
                         ) -> Path:
     """Write ``config`` (+ ``calibration`` metadata) atomically as YAML (or JSON for ``.json``)."""
-    import os
-    import tempfile
-
     import yaml
+
+    from ..fsio import atomic_write_text
 
     p = Path(path)
     data = config.to_dict()
     if calibration:
         data[META_KEY] = calibration
     text = json.dumps(data, indent=2) if p.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write_text(p, text)  # temp file + fsync + rename

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..errors import InputError
+from ..fsio import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,7 @@ def attention_by_role(model: Any, tokenizer: Any, haystack: Any, needle: Any, le
 
 def write_json(path: Path, data: Any) -> Path:
     """Write ``data`` as JSON atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, data, indent=1, default=str)
 
 
 def read_json(path: Path) -> Any:
