@@ -157,6 +157,10 @@ def test_niah_killed_at_random_points_resumes_identical(model_dir, tmp_path):
     expected = json.loads((ref / "summary.json").read_text())["modes"]["chat"]
     assert summary.pop("seconds") > 0 and expected.pop("seconds") > 0
     assert summary == expected
+    pngs = sorted(p.name for p in ref.glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in part.glob("*.png"))
+    for name in pngs:  # heatmaps are pure functions of results.jsonl
+        assert (part / name).read_bytes() == (ref / name).read_bytes(), name
 
 
 def _checkpoint_steps(out: Path) -> int:
