@@ -4,7 +4,9 @@
     python scripts/family_matrix.py --out -    # prints it
 
 Each cell is ✔ when the check passed, ``refused: <reason>`` when ctxaware refused the model with a
-one-line error (a model outside transformers' attention registry), or ``FAILED: <error>``. The
+one-line error (a model outside transformers' attention registry), ``n/a: <reason>`` when the
+capability does not exist on this hardware (e.g. training through flex_attention on CPU), or
+``FAILED: <error>``. The
 checks are the very functions the test suite runs, so the table cannot drift from the tests.
 """
 
@@ -42,7 +44,7 @@ def _cells(fam) -> dict[str, str]:
     }
     if not fam.registry:
         tf.check_refused(fam, model, tok)  # one line naming the class, from steer() and measure_attention
-    out = {"default attention": impl}
+    out = {"attention": impl}
     for name, check in checks.items():
         with tempfile.TemporaryDirectory() as d:
             try:
@@ -50,6 +52,8 @@ def _cells(fam) -> dict[str, str]:
                 out[name] = "✔"
             except CtxawareError as exc:
                 out[name] = f"refused: {str(exc).splitlines()[0]}"
+            except tf.NotApplicable as exc:
+                out[name] = f"n/a: {exc}"
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 out[name] = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return out
@@ -69,17 +73,17 @@ def table() -> tuple[str, int]:
         shown = []
         for cap in CAPABILITIES:
             v = cells[cap]
-            if v.startswith("refused: "):
+            if v.startswith(("refused: ", "n/a: ")):
                 if v not in refusals:
                     refusals.append(v)
-                v = f"refused [{refusals.index(v) + 1}]"
+                v = f"{v.split(':')[0]} [{refusals.index(v) + 1}]"
             shown.append(v.replace("|", "\\|"))
         options = ", ".join(f"{k}={v}" for k, v in fam.options if k != "rope_parameters")
         if any(k == "rope_parameters" for k, _ in fam.options):
             options = ", ".join(x for x in (options, "rope_type=llama3") if x)
-        rows.append(f"| {fam.name} | `{fam.config}` {options} | {fam.template} | {cells['default attention']} | "
+        rows.append(f"| {fam.name} | `{fam.config}` {options} | {fam.template} | {cells['attention']} | "
                     + " | ".join(shown) + " |")
-    header = ("| family | tiny config | template | default attention | " + " | ".join(CAPABILITIES) + " |\n"
+    header = ("| family | tiny config | template | attention | " + " | ".join(CAPABILITIES) + " |\n"
               "|---|---|---|---|" + "---|" * len(CAPABILITIES))
     notes = "\n".join(f"[{i + 1}] {r}" for i, r in enumerate(refusals))
     text = f"""# Model families
@@ -100,8 +104,10 @@ the checks of `tests/test_families.py`:
 - **training step**: one LoRA + `[IND]` step of conditional SFT (`ctxaware.training.build_trainer`).
 - **lm-eval request**: one loglikelihood request through `ctxaware.harness.CtxawareLM` equals the model's own.
 
-Adding a family is one line in `FAMILIES` (tests/test_families.py). "default attention" is the
-implementation transformers picks when none is asked for (`--attn-implementation` unset); every command
+Adding a family is one line in `FAMILIES` (tests/test_families.py). "attention" is the implementation the
+model runs with: the one transformers picks when none is asked for (`--attn-implementation` unset), except
+for rows that ask for one (`flex_attention`: steered through `ctxaware_flex`, compared to the brute force in
+float32 since flex takes no float64 on CPU; its tests are marked slow, as every new shape compiles). Every command
 that loads a model takes the same options: `--model`, `--device` (default: cuda, then mps, else cpu),
 `--dtype` (default `auto`: bfloat16 where the hardware computes it fast, else float32), `--device-map`
 (`auto` or a JSON object, through accelerate), `--attn-implementation`, `--trust-remote-code`.

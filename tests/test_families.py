@@ -7,7 +7,8 @@ role spans with the family's real chat template, ``steer()`` equal to an indepen
 brute force (softcapping and sliding windows included), ``measure_attention`` equal to eager
 ``output_attentions``, one NIH cell, one training step, one lm-eval request. A family outside
 transformers' attention registry must be refused with one line. ``scripts/family_matrix.py`` runs
-these checks and writes ``docs/families.md``.
+these checks and writes ``docs/families.md``; ``tests/test_families_cli.py`` runs families through
+the CLI (Gemma-2, the model options of every command, the committed table).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Family:
     model_class: str | None = None  # default: AutoModelForCausalLM from the config
     lora_targets: str = "q_proj,v_proj"
     registry: bool = True  # attention through transformers' registry (False: must be refused)
+    attn: str | None = None  # attention implementation to load with (default: the model's own)
 
 
 def _o(**kw) -> tuple[tuple[str, Any], ...]:
@@ -57,6 +59,8 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "l
 FAMILIES: list[Family] = [
     Family("Llama-2", "LlamaConfig", template="llama2"),
     Family("Llama-3.1", "LlamaConfig", _o(rope_parameters=_LLAMA3_ROPE), template="llama3"),
+    Family("Llama-3.1 (flex_attention)", "LlamaConfig", _o(rope_parameters=_LLAMA3_ROPE), template="llama3",
+           attn="flex_attention"),
     Family("Mistral-v0.2", "MistralConfig", _o(sliding_window=None), template="mistral"),
     Family("Mistral-v0.3 (sliding window)", "MistralConfig", _o(sliding_window=24), template="mistral"),
     Family("Gemma-2", "Gemma2Config", _o(head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=20.0,
@@ -101,7 +105,8 @@ def tokenizer_for(template: str):
 
 
 def build_model(family: Family, seed: int = 0):
-    """The family's tiny random model, float32, eval mode, with the model's own attention default."""
+    """The family's tiny random model, float32, eval mode, with its attention implementation (default: the
+    model's own)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -117,11 +122,14 @@ def build_model(family: Family, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(6.0)
+    if family.attn:
+        model.set_attn_implementation(family.attn)
     return model.float().eval()
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=IDS)
-def family(request) -> Family:
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow) if f.attn == "flex_attention" else f
+                                        for f in FAMILIES], ids=IDS)
+def family(request) -> Family:  # flex_attention compiles kernels for each new shape (minutes on CPU): slow
     return request.param
 
 
@@ -215,7 +223,8 @@ def check_spans(family: Family, tok) -> None:
 def check_steer(family: Family, model, tok) -> None:
     from ctxaware.steering import SteeringConfig, emphasis_mask, steer
 
-    m = copy.deepcopy(model).double()
+    flex = family.attn == "flex_attention"  # flex takes no float64 on CPU: compared in float32, to 1e-5
+    m = copy.deepcopy(model) if flex else copy.deepcopy(model).double()
     r = _rendered(family, tok)
     ids = torch.tensor([r.input_ids])
     emph = emphasis_mask(r, ("user",))[0]
@@ -224,7 +233,7 @@ def check_steer(family: Family, model, tok) -> None:
             got = m(input_ids=ids).logits
         want = reference_logits(m, ids, emph, alpha)
         # 1e-6: some eager files (Gemma) take the softmax in float32 even for a float64 model
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-5 if flex else 1e-6, rtol=0)
     unsteered = reference_logits(m, ids, None, None)
     assert (got - unsteered).abs().max() > 1e-4  # steering changes the logits: never a no-op
 
@@ -261,8 +270,15 @@ def check_niah(family: Family, model, tok, tmp_path) -> None:
     assert record["alpha"] < 1.0 and record["tokens"] > record["haystack_tokens"] > 0
 
 
+class NotApplicable(Exception):
+    """A capability the family cannot have on this hardware (a test skip, ``n/a`` in the table)."""
+
+
 def check_train(family: Family, model, tok, tmp_path) -> None:
     from ctxaware.training import TrainConfig, build_trainer
+
+    if family.attn == "flex_attention" and next(model.parameters()).device.type == "cpu":
+        raise NotApplicable(f"FlexAttention has no backward on CPU (torch {torch.__version__.split('+')[0]})")
 
     config = TrainConfig(output_dir=str(tmp_path / "out"), cpu=True, progress=False, max_length=96,
                          learning_rate=1e-2, per_device_train_batch_size=2, logging_steps=1, save_steps=1000,
@@ -323,7 +339,10 @@ def test_one_niah_cell(family, built, tmp_path):
 
 
 def test_one_training_step(family, built, tmp_path):  # unsteered: works outside the registry too
-    check_train(family, *built, tmp_path)
+    try:
+        check_train(family, *built, tmp_path)
+    except NotApplicable as exc:
+        pytest.skip(str(exc))
 
 
 def test_one_lm_eval_request(family, built):  # unsteered: works outside the registry too
@@ -358,96 +377,3 @@ def check_refused(family: Family, model, tok) -> str:
 @pytest.mark.parametrize("fam", [f for f in FAMILIES if not f.registry], ids=lambda f: f.name)
 def test_outside_registry_is_refused(fam):
     check_refused(fam, build_model(fam), tokenizer_for(fam.template))
-
-
-# ----------------------------------------------------------------------------- Gemma-2 through the CLI
-GEMMA2 = next(f for f in FAMILIES if f.name == "Gemma-2")
-
-
-@pytest.fixture(scope="module")
-def gemma2_dir(tmp_path_factory):
-    """A tiny Gemma-2 (softcapping, sliding window) saved with its tokenizer and real template."""
-    path = tmp_path_factory.mktemp("gemma2")
-    build_model(GEMMA2).save_pretrained(path)
-    tokenizer_for(GEMMA2.template).save_pretrained(path)
-    return str(path)
-
-
-def _cli(argv, capsys):
-    from ctxaware.cli.main import main
-
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_gemma2_cli_chat_plain_steered_and_without_template(gemma2_dir, tmp_path, capsys):
-    import json
-
-    from ctxaware.steering import SteeringConfig
-    from ctxaware.steering.file import write_steering_file
-
-    base = ["chat", "The key is 4127. What is the key?", "--model", gemma2_dir, "--max-new-tokens", "4", "--json",
-            "--dtype", "float32"]
-    replies = {}
-    for name, extra in {"plain": [], "alpha": ["--alpha", "0.5"], "eager": ["--attn-implementation", "eager"],
-                        "no-template": ["--no-template"]}.items():
-        code, out, err = _cli(base + extra, capsys)
-        assert code == 0, err
-        replies[name] = json.loads(out)["reply"]
-    assert replies["eager"] == replies["plain"]  # the model's own default for Gemma-2 gives the same greedy reply
-    steering = write_steering_file(tmp_path / "steering.yaml", SteeringConfig(alpha=0.5), {"model": "tiny"})
-    code, out, err = _cli(base + ["--steering", str(steering)], capsys)
-    assert code == 0, err
-    assert json.loads(out)["reply"] == replies["alpha"]
-    template = tmp_path / "t.jinja"
-    template.write_text(TEMPLATES["zephyr"], encoding="utf-8")
-    code, out, err = _cli(base + ["--template-file", str(template)], capsys)
-    assert code == 0, err
-
-
-def test_gemma2_cli_attention_and_score(gemma2_dir, tmp_path, capsys):
-    import json
-
-    messages = tmp_path / "chat.json"
-    messages.write_text(json.dumps(MESSAGES[1:]), encoding="utf-8")
-    code, out, err = _cli(["attention", "--messages", str(messages), "--model", gemma2_dir, "--json",
-                           "--dtype", "float32", "--attn-implementation", "eager"], capsys)
-    assert code == 0, err
-    shares = json.loads(out)["conditions"]
-    layer_shares = next(iter(shares.values()))["shares"]
-    assert all(abs(sum(layer_shares[r][i] for r in layer_shares) - 1) < 1e-4 for i in range(2))
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": MESSAGES[1:3]}) for _ in range(2)) + "\n", encoding="utf-8")
-    code, out, err = _cli(["score", "--in", str(data), "--out", str(tmp_path / "scored.jsonl"), "--model",
-                           gemma2_dir, "--no-progress", "--json", "--device", "cpu", "--dtype", "float32"], capsys)
-    assert code == 0, err
-    summary = json.loads(out)
-    assert summary["rows"] == 2 and summary["turns_scored"] == 2
-
-
-def test_bad_model_options_are_one_line_errors(gemma2_dir, capsys):
-    for extra, needle in ((["--attn-implementation", "flashy"], "attn_implementation 'flashy'"),
-                          (["--device-map", "{bad"], "device_map"),
-                          (["--attn-implementation", "flash_attention_2"], "could not load model")):
-        code, out, err = _cli(["chat", "Hi", "--model", gemma2_dir, "--max-new-tokens", "1", *extra], capsys)
-        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
-
-
-@pytest.mark.slow
-def test_committed_family_table_is_current(tmp_path):
-    """docs/families.md is what scripts/family_matrix.py generates now (the date line aside)."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "families.md"
-    proc = subprocess.run([sys.executable, str(root / "scripts" / "family_matrix.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-    def body(text: str) -> list[str]:
-        return [line for line in text.splitlines() if not line.startswith("Generated by")]
-
-    assert body(out.read_text(encoding="utf-8")) == body((root / "docs" / "families.md").read_text(encoding="utf-8"))
-    assert "FAILED" not in out.read_text(encoding="utf-8")

@@ -168,6 +168,19 @@ def padded_mask(attention_mask: Any, batch: int, tq: int, tk: int, qp: int, kp: 
     return allowed, additive
 
 
+_LAST_MASK: list[Any] = [None]  # (mask object, its arguments, result): every layer of a forward gets the same mask
+
+
+def _cached_mask(attention_mask: Any, *args: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`padded_mask`, computed once for the mask object all layers of one forward pass share."""
+    last = _LAST_MASK[0]
+    if last is not None and last[0] is attention_mask and last[1] == args:
+        return last[2]
+    out = padded_mask(attention_mask, *args)
+    _LAST_MASK[0] = (attention_mask, args, out)
+    return out
+
+
 def _pad_len(x: torch.Tensor, size: int, dim: int = 2) -> torch.Tensor:
     extra = size - x.shape[dim]
     if extra == 0:
@@ -210,7 +223,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, atten
 
     allowed = additive = None
     if kind in ("mod", "bool", "float"):
-        allowed, additive = padded_mask(attention_mask, b, tq, tk, qp, kp, query.device)
+        allowed, additive = _cached_mask(attention_mask, b, tq, tk, qp, kp, query.device)
     # lengths as tensors, so that the kernel compiled for a bucket serves every length in it
     n_q, n_k = (torch.tensor(x, device=query.device) for x in (tq, tk))
 

@@ -120,6 +120,7 @@ class NiahConfig(ConfigMixin):
                                    "auto, balanced, sequential or a JSON object (default: none)")
     attn_implementation: str | None = field(None, metavar="NAME", help="attention implementation (sdpa, eager, "
                                             "flex_attention, ...; default: the model's own)")
+    trust_remote_code: bool = field(False, help="run the model repository's own Python code (off by default)")
     truncate: bool = field(False, help="clamp context lengths beyond the model's window to the window (with a "
                                        "warning) instead of refusing them")
     out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume; "

@@ -144,7 +144,7 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
         from ..models import load_model
 
         loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
-                            attn_implementation=cfg.attn_implementation)
+                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     lengths = check_grid(cfg, model, steer_cfg)
