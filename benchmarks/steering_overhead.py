@@ -31,7 +31,11 @@ math ⇒ same tokens). Prints a markdown table and writes JSON to ``--out``.
 
 Each row also reports the SDPA kernel its prefill and decode attention calls are eligible for
 (``ctxaware.attention.kernels.kernel_for`` on the shapes that path hands to SDPA: ``flash``,
-``efficient``, ``math``; ``eager`` for the eager rows) and, on CUDA, the peak CUDA memory.
+``efficient``, ``math``; ``flex`` where the steered prefill goes through compiled flex_attention;
+``eager`` for the eager rows) and, on CUDA, the peak CUDA memory. ``--attention-path flex|sdpa``
+forces the steered path (``CTXAWARE_ATTENTION_PATH`` in the children). The load average
+(``os.getloadavg``) before and after every run is recorded, since on a shared machine other
+processes' load is part of the result.
 """
 
 from __future__ import annotations
@@ -232,6 +236,13 @@ def _kernels(model, row: str, length: int, device) -> tuple[str, str]:
     assert w - d >= channel_parts(d, dtype, device.type)
     gqa_kept = gqa and not (device.type == "cuda" and dtype not in HALF)
     pre = kernel_for((1, h, length, w), (1, h_kv, length, w), (1, h_kv, length, w), dtype, device, enable_gqa=gqa_kept)
+    from ctxaware.attention import flex as FX
+    from ctxaware.attention.functional import CHUNK_MIN_SCORES, CHUNK_QUERIES
+
+    path = FX.current_path()  # what functional.flex_wanted decides for this prefill
+    if FX.supported(device, dtype) and (path == "flex" or (path == "auto" and pre == "math" and length > CHUNK_QUERIES
+                                                            and length * length > CHUNK_MIN_SCORES)):
+        pre = "flex" + ("" if not FX.failures() else " (failed: chunked)")
     if dtype in HALF:  # decoding through the padded channels as well
         dec = kernel_for((1, h, 1, w), (1, h_kv, length, w), (1, h_kv, length, w), dtype, device, enable_gqa=gqa_kept)
     else:  # a (B, H, 1, T) float mask, grouped heads packed as query rows
@@ -300,12 +311,16 @@ def _spawn(args: argparse.Namespace, row: str, length: int) -> dict:
     if args.device:
         cmd += ["--device", args.device]
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    if args.attention_path:
+        env["CTXAWARE_ATTENTION_PATH"] = args.attention_path
     if not args.default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    load_before = os.getloadavg()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"child {row} @ {length} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), loadavg_before=load_before,
+                loadavg_after=os.getloadavg())
 
 
 def _table(results: list[dict], rows: list[str]) -> str:
@@ -338,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="steering_overhead.json", help="JSON file to write")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's dynamic mmap threshold in the children (noisier peak RSS)")
+    ap.add_argument("--attention-path", choices=("auto", "flex", "sdpa"), default=None,
+                    help="force the steered attention path in the children (default: auto)")
     ap.add_argument("--attention-only", action="store_true",
                     help="time one attention call (SmolLM2's shape) plain vs steered instead of whole-model runs")
     ap.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
@@ -357,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rows must include plain and only use {', '.join(ROWS)} (got {args.rows})")
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     results: list[dict] = []
+    load_start = os.getloadavg()
     for length in lengths:
         best: dict[str, dict] = {}
         runs: dict[str, list[float]] = {r: [] for r in rows}
@@ -368,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs[row].append(res["seconds"])
                 cpu[row].append(res["cpu_seconds"])
                 print(f"  {length:>6} {row:<13} rep {rep + 1}: {res['seconds']:.2f} s "
-                      f"(prefill {res['prefill_s']:.2f} s), peak RSS {res['peak_rss_mib']:.0f} MiB "
+                      f"(prefill {res['prefill_s']:.2f} s, CPU {res['cpu_seconds']:.2f} s), peak RSS "
+                      f"{res['peak_rss_mib']:.0f} MiB, load {res['loadavg_before'][0]:.2f} -> "
+                      f"{res['loadavg_after'][0]:.2f} "
                       f"[{time.perf_counter() - t0:.0f} s with load]", file=sys.stderr, flush=True)
                 if row not in best or res["seconds"] < best[row]["seconds"]:
                     peak = max(res["peak_rss_mib"], best[row]["peak_rss_mib"]) if row in best else res["peak_rss_mib"]
@@ -406,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         same = [r.get("same_tokens_as_steered_rows") for r in by.values() if "same_tokens_as_steered_rows" in r]
         if same:
             checks[-1] += f"; steered rows decode the same tokens: {'yes' if all(same) else 'NO'}"
+    load_end = os.getloadavg()
+    checks.append(f"load average (1/5/15 min) at start {' / '.join(f'{x:.2f}' for x in load_start)}, "
+                  f"at end {' / '.join(f'{x:.2f}' for x in load_end)}")
     print()
     print("\n".join(checks))
     import torch
@@ -416,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                "threads": args.threads, "fixed_mmap_threshold": not args.default_malloc,
                "torch": torch.__version__, "transformers": transformers.__version__,
                "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "attention_path": args.attention_path or "auto", "loadavg_start": load_start, "loadavg_end": load_end,
                "results": results, "table": table, "checks": checks}
     Path(args.out).write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {args.out}")
