@@ -139,13 +139,17 @@ class ResultStore:
         repair_jsonl(self.dir / TIMINGS)
 
     def append(self, records: Iterable[dict[str, Any]], seconds: dict[str, float] | None = None) -> None:
-        """Append finished cells (and, to ``timings.jsonl``, the seconds they took) durably before returning."""
+        """Append finished cells (and, to ``timings.jsonl``, the seconds they took) durably before returning.
+
+        Timings go first: a kill between the two appends leaves a timing whose cell is redone (the
+        later timing wins), never a finished cell without its time.
+        """
         records = list(records)
-        with JsonlAppender(self.path) as app:  # one fsync per batch of cells
-            app.write_many(records)
         if seconds:
             with JsonlAppender(self.dir / TIMINGS) as app:
                 app.write_many({"key": k, "seconds": round(float(v), 3)} for k, v in seconds.items())
+        with JsonlAppender(self.path) as app:  # one fsync per batch of cells
+            app.write_many(records)
         for r in records:
             self.done[r["key"]] = r
 
