@@ -166,7 +166,9 @@ def test_two_processes_save_what_one_process_trains(mode, base, single, tmp_path
     device = "cpu"
     if mode == "fsdp":
         # accelerate makes FSDP its distributed type only over accelerator process groups (AcceleratorState:
-        # MULTI_CPU is never promoted to FSDP), so on CPU processes an FSDP config silently runs DDP
+        # MULTI_CPU is never promoted to FSDP), so on CPU processes an FSDP config silently runs DDP: with
+        # FSDP_CONFIG and use_cpu: true, accelerate 1.15 starts 2 gloo processes whose Trainer reports
+        # distributed_type MULTI_CPU and is_fsdp_enabled False (checked 2026-12-02)
         if torch.cuda.device_count() < 2:
             pytest.skip("accelerate runs FSDP only on accelerator devices, and this machine has fewer than 2 GPUs")
         device = "cuda"
