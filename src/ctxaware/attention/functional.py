@@ -108,17 +108,14 @@ def padded_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_ch
     width = padded_width(d, query.dtype, target or query.device.type)
     if d + n > width:
         raise ValueError(f"{n} extra channel(s) do not fit in the padded width {width} of head dim {d}")
-    q2 = query.new_zeros(b, h, tq, width)  # contiguous heads: CPU flash is ~10 % faster on them than on (B, T, H) strides
-    q2[..., :d] = query
-    q2[..., d:d + n] = q_channels.to(query.dtype)
-    k2 = key.new_zeros(b, h_kv, tk, width)
-    k2[..., :d] = key
-    k2[..., d:d + n] = k_channels.to(key.dtype)[:, None]
-    if dv == d:
-        v2 = value.new_zeros(b, h_kv, tk, width)
-        v2[..., :d] = value
-    else:
-        v2 = value
+    pad = width - d - n
+    # one write per element (no zero fill first); the queries come out contiguous per head, which
+    # the CPU flash kernel runs ~10 % faster than transformers' (B, T, H) strides
+    qc = q_channels.to(query.dtype).expand(b, h, tq, n)
+    q2 = torch.cat([query, qc] + ([query.new_zeros(b, h, tq, pad)] if pad else []), dim=-1)
+    kc = k_channels.to(key.dtype)[:, None].expand(b, h_kv, tk, n)
+    k2 = torch.cat([key, kc] + ([key.new_zeros(b, h_kv, tk, pad)] if pad else []), dim=-1)
+    v2 = F.pad(value, (0, width - d)) if dv == d else value
     return q2, k2, v2
 
 
