@@ -269,3 +269,26 @@ def test_model_steered_through_flex_equals_sdpa_path():
     model.set_attn_implementation("flex_attention")
     torch.testing.assert_close(logits("auto"), want, atol=1e-5, rtol=0)
     assert not FX.failures(), FX.failures()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [0.9, 0.01])
+def test_bf16_flex_equals_the_channel_path(alpha):
+    """In bf16 the flex bias is added in float32: its output equals the hi/lo channel path's (both
+    only round the output), and both are as close to the float64 brute force as plain bf16 SDPA is."""
+    import math
+
+    b, h, h_kv, t, d = 1, 4, 2, 300, 64
+    q, k, v, down, _ = _inputs(b, h, h_kv, t, d, seed=6)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    coef = torch.full((b, h), math.log(alpha), dtype=torch.float64)
+    with FX.use_path("flex"):
+        flex = AF.sdpa_key_bias(q, k, v, None, scaling=d ** -0.5, coef=coef, down=down)
+    with FX.use_path("sdpa"):
+        channels = AF.sdpa_key_bias(q, k, v, None, scaling=d ** -0.5, coef=coef, down=down)
+    assert flex.dtype == torch.bfloat16
+    torch.testing.assert_close(flex.float(), channels.float(), atol=2 ** -7, rtol=0)
+    want = _brute(q, k, v, None, d ** -0.5, coef, down, True)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    plain_err = (plain.transpose(1, 2).double() - _brute(q, k, v, None, d ** -0.5, coef * 0, down, True)).abs().max()
+    assert (flex.double() - want).abs().max() <= 2 * plain_err
