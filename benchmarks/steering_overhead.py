@@ -27,7 +27,7 @@ math ⇒ same tokens). Prints a markdown table and writes JSON to ``--out``.
     python benchmarks/steering_overhead.py                                   # 1k, 2k, 4k, 8k; 1 repeat
     python benchmarks/steering_overhead.py --lengths 1024,4096 --repeats 3 --out steer.json
     python benchmarks/steering_overhead.py --device cuda --dtype bfloat16 --model DIR   # on a GPU
-    python benchmarks/steering_overhead.py --attention-only --lengths 2048,4096,8192 --repeats 3 --threads 1
+    python benchmarks/steering_attention_call.py --lengths 2048,4096,8192   # one attention call (its own script)
 
 Each row also reports the SDPA kernel its prefill and decode attention calls are eligible for
 (``ctxaware.attention.kernels.kernel_for`` on the shapes that path hands to SDPA: ``flash``,
@@ -251,58 +251,6 @@ def _kernels(model, row: str, length: int, device) -> tuple[str, str]:
     return pre, dec
 
 
-# ----------------------------------------------------------------------------- attention call alone
-def attention_only(args: argparse.Namespace) -> int:
-    """Time one attention call, transformers' SDPA vs the steered channels path, at each length."""
-    import math
-
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from ctxaware.attention import functional as AF
-
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device or "cpu")
-    h, h_kv, d = 9, 3, 64  # the embedded model's attention shape
-
-    class Module:
-        is_causal, num_key_value_groups, training = True, h // h_kv, False
-
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) if device.type == "cuda" else (time.process_time() - c0)
-
-    print("| tokens | dtype | plain s | steered s | steered/plain throughput |\n|---:|---|---:|---:|---:|")
-    for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-        # the layout transformers hands over: (B, T, H, D) projections transposed to (B, H, T, D)
-        q = torch.randn(1, length, h, d, dtype=dtype, device=device).transpose(1, 2)
-        k = torch.randn(1, length, h_kv, d, dtype=dtype, device=device).transpose(1, 2)
-        v = torch.randn(1, length, h_kv, d, dtype=dtype, device=device).transpose(1, 2)
-        down = torch.rand(1, length, device=device) < 0.3
-        coef = torch.full((1, h), math.log(args.alpha), dtype=torch.float64, device=device)
-
-        def plain():
-            sdpa_attention_forward(Module(), q, k, v, None, scaling=d ** -0.5)
-
-        def steered():
-            qc, kc = AF.bias_channels(coef, down, scaling=d ** -0.5, dtype=dtype, head_dim=d)
-            AF.sdpa_channels(q, k, v, None, scaling=d ** -0.5, q_channels=qc, k_channels=kc, is_causal=True)
-
-        best = {"plain": math.inf, "steered": math.inf}
-        for _ in range(max(1, args.repeats)):
-            for name, fn in (("plain", plain), ("steered", steered)):
-                best[name] = min(best[name], timed(fn))
-        print(f"| {length} | {args.dtype} | {best['plain']:.3f} | {best['steered']:.3f} | "
-              f"{best['plain'] / best['steered']:.3f} |", flush=True)
-    return 0
-
-
 # ----------------------------------------------------------------------------- parent side
 def _spawn(args: argparse.Namespace, row: str, length: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", row, "--length", str(length),
@@ -356,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention-path", choices=("auto", "flex", "sdpa"), default=None,
                     help="force the steered attention path in the children (default: auto)")
     ap.add_argument("--attention-only", action="store_true",
-                    help="time one attention call (SmolLM2's shape) plain vs steered instead of whole-model runs")
+                    help="time one attention call plain vs steered (runs benchmarks/steering_attention_call.py)")
     ap.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -365,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    if args.attention_only:
-        return attention_only(args)
+    if args.attention_only:  # kept for old commands: the attention-call benchmark is its own script now
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from steering_attention_call import main as attention_call
+
+        return attention_call(["--lengths", args.lengths, "--repeats", str(args.repeats), "--dtype", args.dtype,
+                               "--threads", str(args.threads), "--alpha", str(args.alpha),
+                               "--paths", "plain,channels"] + (["--device", args.device] if args.device else []))
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
