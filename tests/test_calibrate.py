@@ -161,7 +161,7 @@ def test_steering_file_round_trips_and_steers(tiny, cells, tmp_path):
 def test_calibrate_writes_file_table_and_never_picks_a_guard_failure(tiny, tmp_path):
     model, tok = tiny
     cfg = CalibrationConfig(out=str(tmp_path / "cal"), head_sets="top3,layer1,all", alphas="0.05,0.7", margin=0.0,
-                            plot=False, **SMALL)
+                            plot=False, select_by="needle_loss", **SMALL)
     result = calibrate(cfg, model=model, tokenizer=tok, model_name="tiny")
     cands = result["candidates"]
     assert [c.name for c in cands] == ["unsteered", "top3@0.05", "top3@0.7", "layer1@0.05", "layer1@0.7",
@@ -321,3 +321,41 @@ def test_rerun_resumes_every_step_from_the_cache_and_settings_changes_miss(tiny,
     assert not torch.equal(third["scores"], first["scores"])
     fresh = calibrate(CalibrationConfig(**cfg, resume=False), model=model, tokenizer=tok, model_name="tiny")
     assert fresh["meta"]["resumed_steps"] == 0 and fresh["meta"]["search"] == first["meta"]["search"]
+
+
+def test_select_by_recall_answers_the_lowest_loss_shortlist_and_picks_by_perfect_cells(tiny, tmp_path):
+    model, tok = tiny
+    cfg = CalibrationConfig(out=str(tmp_path / "cal"), head_sets="top3,all", alphas="0.05,0.5,0.9", margin=10.0,
+                            plot=False, select_by="recall", recall_top=2, **SMALL)
+    result = calibrate(cfg, model=model, tokenizer=tok, model_name="tiny")
+    cands, meta = result["candidates"], result["meta"]
+    steered = cands[1:]
+    assert all(c.guard["passed"] and c.needle_loss is not None for c in steered)  # margin 10: all pass
+    answered = [c for c in steered if c.recall is not None]
+    best_two = sorted(steered, key=lambda c: c.needle_loss)[:2]
+    assert sorted(c.name for c in answered) == sorted(c.name for c in best_two)
+    assert cands[0].recall is not None and len(cands[0].answers) == 4
+    chosen = next(c for c in cands if c.name == meta["chosen"])
+    top = max([cands[0]] + answered, key=lambda c: c.key("recall"))
+    assert chosen.key("recall") == top.key("recall")
+    if chosen is not cands[0]:
+        assert chosen.key("recall") > cands[0].key("recall")
+    perfect = [c.cells_perfect for c in [cands[0]] + answered]
+    assert chosen.cells_perfect == max(perfect)
+    lost = meta["held_in"]["lost_by_unsteered"]
+    assert len(lost) == 4 - cands[0].cells_perfect and meta["recall_top"] == 2
+
+
+def test_recall_key_orders_perfect_cells_before_mean_recall_before_loss():
+    from ctxaware.calibrate.search import Candidate, recall_shortlist
+
+    def cand(name, perfect, rec, loss, alpha=0.5):
+        return Candidate(name, "all", alpha, "all", 4, guard={"passed": True}, recall=rec, cells_perfect=perfect,
+                         needle_loss=loss)
+
+    a, b, c = cand("a", 2, 0.6, 0.9), cand("b", 1, 0.9, 0.1), cand("c", 2, 0.6, 0.5)
+    assert max([a, b, c], key=lambda x: x.key("recall")) is c
+    assert [x.name for x in recall_shortlist([a, b, c], 2)] == ["b", "c"]  # search order kept
+    assert [x.name for x in recall_shortlist([a, b, c], 0)] == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="recall_top"):
+        CalibrationConfig(recall_top=-1)

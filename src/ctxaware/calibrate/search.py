@@ -4,9 +4,11 @@ Steps: (1) build the held-in NIH prompts (chat template) and score every head by
 last prompt token pays to the needle (:mod:`ctxaware.calibrate.heads`); (2) form the candidates
 (every head set × every α, plus the unsteered baseline); (3) run the quality guard on each
 (:mod:`ctxaware.calibrate.guard`), cheap, so that only candidates that keep quality are (4)
-scored on the held-in cells: by default by the mean loss of the needle sentence as the answer (a
-continuous score, one forward pass per cell; greedy recall is measured for the baseline and the
-winner), or with ``select_by="recall"`` by greedy recall with that loss as tie-break; (5) keep the best candidate
+scored on the held-in cells: first by the mean loss of the needle sentence as the answer (a
+continuous score, one forward pass per cell), then by default (``select_by="recall"``) the
+``recall_top`` candidates with the lowest loss and the baseline answer the cells greedily and are
+ranked by cells with recall 1, mean recall, then needle loss (``select_by="needle_loss"``: the loss
+alone, recall measured for baseline and winner); (5) keep the best candidate
 that beats the baseline, else the baseline (α = 1: "no steering"), and write the steering file,
 the search table and the plot (:mod:`ctxaware.calibrate.report`).
 """
@@ -68,11 +70,13 @@ class Candidate:
         return 1.0 - float(self.share) if self.rule == "share" else self.alpha
 
     def key(self, select_by: str = "recall") -> tuple:
-        """Selection key (larger is better): lower needle loss, or held-in recall then lower needle loss."""
+        """Selection key (larger is better): lower needle loss, or held-in cells with recall 1, then mean
+        recall, then lower needle loss."""
         loss = -(self.needle_loss if self.needle_loss is not None else float("inf"))
         if select_by == "needle_loss":
             return (loss,)
-        return (self.recall if self.recall is not None else -1.0, loss)
+        return (self.cells_perfect if self.cells_perfect is not None else -1,
+                self.recall if self.recall is not None else -1.0, loss)
 
     def row(self) -> dict[str, Any]:
         g = self.guard
@@ -161,6 +165,14 @@ def _answer(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate,
     cand.cells_perfect = sum(1 for s in scores if s >= 1.0)
 
 
+def recall_shortlist(cands: list[Candidate], top: int) -> list[Candidate]:
+    """The ``top`` candidates with the lowest held-in needle loss (all when ``top`` is 0), in search order."""
+    if top <= 0 or len(cands) <= top:
+        return list(cands)
+    keep = sorted(cands, key=lambda c: (c.needle_loss, -c.weakness, c.n_heads))[:top]
+    return [c for c in cands if any(c is k for k in keep)]
+
+
 def candidates(cfg: CalibrationConfig, scores: Any) -> list[Candidate]:
     """The unsteered baseline, then every head set × (every α, then every target share)."""
     n_layers, n_heads = scores.shape
@@ -178,13 +190,15 @@ def candidates(cfg: CalibrationConfig, scores: Any) -> list[Candidate]:
 def choose(cands: list[Candidate], select_by: str = "recall") -> tuple[Candidate, str]:
     """The best guard-passing candidate that beats the baseline on the held-in key, else the baseline."""
     base = cands[0]
-    passing = [c for c in cands[1:] if c.guard.get("passed") and c.needle_loss is not None]
+    passing = [c for c in cands[1:] if c.guard.get("passed") and c.needle_loss is not None
+               and (select_by == "needle_loss" or c.recall is not None)]
     if not passing:
         return base, "no candidate passed the quality guard: unsteered (alpha = 1)"
     best = max(passing, key=lambda c: (c.key(select_by), c.weakness, -c.n_heads))
     if best.key(select_by) <= base.key(select_by):
         return base, "no guard-passing candidate beat the unsteered model on the held-in cells: alpha = 1"
-    what = "lowest held-in needle loss" if select_by == "needle_loss" else "best held-in recall (then lowest needle loss)"
+    what = ("lowest held-in needle loss" if select_by == "needle_loss"
+            else "most held-in cells with recall 1 (then mean recall, then needle loss)")
     return best, f"{what} among candidates within the guard margin: {best.name}"
 
 
@@ -248,11 +262,18 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     guard_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     todo = [c for c in cands if c.guard.get("passed") or not c.steered]
-    for cand in tqdm(todo, desc="held-in NIH", unit="candidate", disable=not cfg.progress):
+    for cand in tqdm(todo, desc="held-in needle loss", unit="candidate", disable=not cfg.progress):
         _cached_needle_loss(cache, cells_key, model, tokenizer, cand, cells)
-        if cfg.select_by == "recall" or cand is cands[0]:
-            _cached_answer(cache, cells_key, cfg, model, tokenizer, cand, cells, needle)
-        logger.info("%s: held-in needle loss %.4f, recall %s", cand.name, cand.needle_loss, cand.recall)
+        logger.info("%s: held-in needle loss %.4f", cand.name, cand.needle_loss)
+    answer = [cands[0]] + (recall_shortlist(todo[1:], cfg.recall_top) if cfg.select_by == "recall" else [])
+    for cand in tqdm(answer, desc="held-in answers", unit="candidate", disable=not cfg.progress):
+        _cached_answer(cache, cells_key, cfg, model, tokenizer, cand, cells, needle)
+        logger.info("%s: held-in recall %.3f, %d/%d cells perfect", cand.name, cand.recall, cand.cells_perfect,
+                    len(cells))
+    lost = [i for i, a in enumerate(cands[0].answers) if recall(a, needle.keywords) < 1.0]
+    if not lost:
+        logger.warning("the unsteered model loses none of the %d held-in cells: the search cannot see a repair "
+                       "there (choose longer --lengths or shallower --depths)", len(cells))
     chosen, reason = choose(cands, cfg.select_by)
     if chosen.recall is None:
         _cached_answer(cache, cells_key, cfg, model, tokenizer, chosen, cells, needle)
@@ -263,9 +284,11 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     meta = {
         "model": model_name, "model_spec": cfg.model, "rule": chosen.rule if chosen.steered else "none", "chosen": chosen.name, "reason": reason,
         "select_by": cfg.select_by,
+        "recall_top": cfg.recall_top if cfg.select_by == "recall" else None,
         "held_in": {"haystack": hay_id, "needle": needle.name, "lengths": sorted(set(cfg.lengths)),
                     "depths": sorted(set(cfg.depths)), "mode": "chat", "max_new_tokens": cfg.max_new_tokens,
-                    "tokens": [len(c["prompt"].input_ids) for c in cells]},
+                    "tokens": [len(c["prompt"].input_ids) for c in cells],
+                    "lost_by_unsteered": [[cells[i]["length"], cells[i]["depth"]] for i in lost]},
         "head_scores": {"criterion": "attention of the last prompt token on the needle tokens, mean over held-in "
                                      "prompts", "top": [[layer, head, round(float(scores[layer, head]), 5)]
                                                         for layer, head in ranked[:20]]},
