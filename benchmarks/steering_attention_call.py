@@ -10,6 +10,9 @@ of ``--repeats``; CPU time on CPU, wall time with synchronisation on CUDA):
 * ``flex``     — the same call forced onto compiled ``flex_attention`` (``use_path("flex")``; compiled
   once before timing).
 
+``--down`` is the fraction of keys that are down-weighted (the first ones, like a system prompt
+before the user's document; default 0.3).
+
 ``--value-dim 32`` gives values a different head dim, a shape only SDPA's math kernel takes: then
 ``channels`` is the chunked math fallback and ``flex`` what ``auto`` picks instead. Ratios are
 ``first path's time / path's time`` (with ``plain`` first: throughput relative to unsteered SDPA).
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--value-dim", type=int, default=64, help="value head dim (64 = the model's; 32: math-only)")
     ap.add_argument("--paths", default=",".join(PATHS), help=f"paths to time, from {', '.join(PATHS)}")
+    ap.add_argument("--down", type=float, default=0.3, help="fraction of down-weighted keys (the first ones)")
     args = ap.parse_args(argv)
 
     import torch
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         q = torch.randn(1, length, h, d, dtype=dtype, device=device).transpose(1, 2)
         k = torch.randn(1, length, h_kv, d, dtype=dtype, device=device).transpose(1, 2)
         v = torch.randn(1, length, h_kv, dv, dtype=dtype, device=device).transpose(1, 2)
-        down = torch.rand(1, length, device=device) < 0.3
+        down = torch.arange(length, device=device)[None] < round(args.down * length)
         coef = torch.full((1, h), math.log(args.alpha), dtype=torch.float64, device=device)
 
         def steered(path: str):

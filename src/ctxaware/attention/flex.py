@@ -64,7 +64,7 @@ def current_path() -> str:
 def use_path(path: str) -> Iterator[None]:
     """Force the steered attention path within the block: ``flex`` (compiled flex_attention
     wherever it compiles), ``sdpa`` (padded channels through SDPA, chunked where only the math
-    kernel takes them) or ``auto``."""
+    kernel takes them) or ``auto`` (flex where only the math kernel could run, else the channels)."""
     if path not in PATHS:
         raise ConfigError(f"attention path {path!r} is not one of {', '.join(PATHS)}")
     token = _PATH.set(path)
