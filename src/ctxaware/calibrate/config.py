@@ -1,15 +1,16 @@
 """``CalibrationConfig``: what ``ctxaware calibrate`` searches, on which held-in cells, under which guard.
 
-The defaults: 4 held-in NIH cells (lengths 4500/6500 × depths 10/35 %, needle ``pizza-short`` in
-the built-in corpus read from its last essay backwards: text, needle, lengths and depths disjoint
-from the held-out grid of ``ctxaware calibrate judge``, which uses ``SF`` in the corpus from its
-first essay at 4000-6000 tokens × depths 0/25/50 %). They are long enough that the chat template
-loses them on the embedded model (a held-in score on cells the model already answers cannot show
-a repair), and ``pizza-short``'s six keywords fit in the answer budget, so recall can reach 1
-(``pizza``'s 19 cannot in 40 tokens). 3 head sets × α 0.6/0.8/0.9, a quality guard of 8
-instruction responses and 8 QA answers, selection by greedy recall on the held-in cells among the
-3 candidates with the lowest needle loss. Every field is a CLI option of ``ctxaware calibrate``
-(help written once, here).
+The defaults are sized for the embedded model on 2 CPU cores: 2 held-in NIH cells (length 3000 ×
+depths 10/40 %, needle ``pizza`` in the built-in corpus read from its last essay backwards: text,
+needle, length and depths disjoint from the held-out grid of ``ctxaware calibrate judge``, which
+uses ``SF`` in the corpus from its first essay at 4000-6000 tokens × depths 0/25/50 %), 3 head
+sets × α 0.6/0.8/0.9 (all heads at α ≤ 0.6 fail the guard on the embedded model, 0.8 and 0.9 keep
+it), a quality guard of 8 instruction responses and 8 QA answers, and selection by the held-in
+needle loss. ``select_by="recall"`` (cells with recall 1, mean recall, then loss, among the
+``recall_top`` lowest-loss candidates) needs held-in cells the chat template loses *and* can
+answer in full (e.g. ``pizza-short`` at 4500/6500 tokens): on the embedded model no guarded
+candidate recovered any such cell, so recall gave no signal there (docs/calibration.md). Every
+field is a CLI option of ``ctxaware calibrate`` (help written once, here).
 """
 
 from __future__ import annotations
@@ -66,25 +67,26 @@ class CalibrationConfig(ConfigMixin):
                           help="held-in haystack: 'builtin-tail' (the built-in corpus from its last essay "
                                "backwards), 'builtin', or a .txt file / directory of .txt files; keep it "
                                "disjoint from the text you judge on")
-    needle: str = field("pizza-short", metavar="NEEDLE",
+    needle: str = field("pizza", metavar="NEEDLE",
                         help="held-in needle (SF, pizza, ... or a YAML/JSON needle file); keep it different "
                              "from the needle you judge on")
-    lengths: Any = field("4500,6500", metavar="L1,L2,...",
+    lengths: Any = field("3000", metavar="L1,L2,...",
                          help="held-in context lengths in tokens (long enough that the unsteered chat model loses "
                               "cells: the search warns when it loses none)")
-    depths: Any = field("10,35", metavar="D1,D2,...", help="held-in needle depths in percent")
+    depths: Any = field("10,40", metavar="D1,D2,...", help="held-in needle depths in percent")
     head_sets: Any = field("top16,layer1,all", metavar="SETS", help=HEAD_SET_HELP)
     alphas: Any = field("0.6,0.8,0.9", metavar="A1,A2,...",
                         help="alpha values tried with every head set (weight kept on non-user prompt keys)")
     shares: Any = field("", metavar="S1,S2,...",
                         help='target shares tried under the "share" rule with every head set (the emphasised keys '
                              'get at least this share of each steered query\'s attention); empty = fixed alpha only')
-    select_by: str = field("recall", choices=("recall", "needle_loss"),
-                           help='held-in score that picks the candidate: "recall" (held-in cells answered greedily '
-                                'with recall 1, then mean recall, then needle loss; only the --recall-top '
-                                'candidates with the lowest needle loss are answered) or "needle_loss" (mean loss '
-                                'of the needle sentence as the answer, one forward pass per cell; recall is then '
-                                'measured for the baseline and the chosen candidate only)')
+    select_by: str = field("needle_loss", choices=("needle_loss", "recall"),
+                           help='held-in score that picks the candidate: "needle_loss" (mean loss of the needle '
+                                'sentence as the answer, one forward pass per cell; recall is then measured for '
+                                'the baseline and the chosen candidate only) or "recall" (held-in cells answered '
+                                'greedily with recall 1, then mean recall, then needle loss; only the --recall-top '
+                                'candidates with the lowest needle loss are answered: use it with cells the '
+                                'unsteered model loses and a needle it can recall in full, e.g. pizza-short)')
     recall_top: int = field(3, help="with --select-by recall: answer only the K guard-passing candidates with the "
                                     "lowest held-in needle loss (and the unsteered model); 0 = every candidate")
     margin: float = field(0.05, help="quality guard: the steered mean token loss (nats) of each guard set may "

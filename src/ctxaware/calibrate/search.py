@@ -5,10 +5,10 @@ last prompt token pays to the needle (:mod:`ctxaware.calibrate.heads`); (2) form
 (every head set × every α, plus the unsteered baseline); (3) run the quality guard on each
 (:mod:`ctxaware.calibrate.guard`), cheap, so that only candidates that keep quality are (4)
 scored on the held-in cells: first by the mean loss of the needle sentence as the answer (a
-continuous score, one forward pass per cell), then by default (``select_by="recall"``) the
-``recall_top`` candidates with the lowest loss and the baseline answer the cells greedily and are
-ranked by cells with recall 1, mean recall, then needle loss (``select_by="needle_loss"``: the loss
-alone, recall measured for baseline and winner); (5) keep the best candidate
+continuous score, one forward pass per cell; by default it alone decides, and recall is measured
+for the baseline and the winner), or with ``select_by="recall"`` the ``recall_top`` candidates
+with the lowest loss and the baseline answer the cells greedily and are ranked by cells with
+recall 1, mean recall, then needle loss; (5) keep the best candidate
 that beats the baseline, else the baseline (α = 1: "no steering"), and write the steering file,
 the search table and the plot (:mod:`ctxaware.calibrate.report`).
 """
