@@ -3,10 +3,10 @@
 The defaults are sized for the embedded model on 2 CPU cores: 2 held-in NIH cells (length 3000 ×
 depths 10/40 %, needle ``pizza`` in the built-in corpus read from its last essay backwards: text,
 needle, length and depths disjoint from the held-out grid of ``ctxaware calibrate judge``, which
-uses ``SF`` in the corpus from its first essay at 4000-6000 tokens × depths 0/25/50 %), 3 head
-sets × α 0.6/0.8/0.9 (all heads at α ≤ 0.6 fail the guard on the embedded model, 0.8 and 0.9 keep
-it), a quality guard of 8 instruction responses and 8 QA answers, and selection by the held-in
-needle loss. ``select_by="recall"`` (cells with recall 1, mean recall, then loss, among the
+uses ``SF`` in the corpus from its first essay at 5000 tokens (docs: 4000-6000) × depths
+0/25/50 %), 3 head sets × α 0.6/0.7/0.8/0.9 (on the embedded model all heads at α ≤ 0.6 fail the
+guard and 0.7-0.9 keep it, so the grid is fine where the guard binds), a quality guard of 8
+instruction responses and 8 QA answers, and selection by the held-in needle loss. ``select_by="recall"`` (cells with recall 1, mean recall, then loss, among the
 ``recall_top`` lowest-loss candidates) needs held-in cells the chat template loses *and* can
 answer in full (e.g. ``pizza-short`` at 4500/6500 tokens): on the embedded model no guarded
 candidate recovered any such cell, so recall gave no signal there (docs/calibration.md). Every
@@ -75,7 +75,7 @@ class CalibrationConfig(ConfigMixin):
                               "cells: the search warns when it loses none)")
     depths: Any = field("10,40", metavar="D1,D2,...", help="held-in needle depths in percent")
     head_sets: Any = field("top16,layer1,all", metavar="SETS", help=HEAD_SET_HELP)
-    alphas: Any = field("0.6,0.8,0.9", metavar="A1,A2,...",
+    alphas: Any = field("0.6,0.7,0.8,0.9", metavar="A1,A2,...",
                         help="alpha values tried with every head set (weight kept on non-user prompt keys)")
     shares: Any = field("", metavar="S1,S2,...",
                         help='target shares tried under the "share" rule with every head set (the emphasised keys '
