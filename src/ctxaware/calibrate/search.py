@@ -238,7 +238,8 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     n_layers, n_heads = model_dims(model)
     cells, hay_id, needle = held_in_cells(cfg, tokenizer)
     cache = StepCache(out / "cache", enabled=cfg.resume)
-    model_key = {"model": model_name, "dtype": str(getattr(model, "dtype", cfg.dtype)), "dims": [n_layers, n_heads]}
+    model_key = {"model": model_name, "spec": cfg.model, "dtype": str(getattr(model, "dtype", cfg.dtype)),
+                 "dims": [n_layers, n_heads]}
     cells_key = {**model_key, "cells": digest([[c["length"], c["depth"], c["prompt"].input_ids, c["messages"]]
                                                for c in cells]), "needle": needle.needle}
     t0 = time.perf_counter()
