@@ -8,7 +8,7 @@ conditions on the same model:
 * ``chat+file`` — the steering file's configuration;
 
 on (1) a held-out NIH grid through :func:`ctxaware.niah.run_niah` (resumable results under
-``out/niah-*``; by default the built-in haystack and needle ``SF``, length 5000 × depths
+``out/niah-*``; by default the built-in haystack and needle ``SF``, lengths 4000/5000/6000 × depths
 0/25/50 %, disjoint from the calibration's held-in cells), (2) a seeded SQuAD sample (METHOD §5
 prompt, greedy, the answer cut at the first ". ", metric "contains", mean ± standard error), and
 (3) the quality guard's losses for each steered condition. Writes ``judge.json`` and ``judge.md``.
@@ -38,7 +38,7 @@ class JudgeConfig(ConfigMixin):
     out: str = field("runs/judge", metavar="DIR", help="output directory (NIH results resume from it)")
     haystack: str = field("builtin", metavar="SOURCE", help="held-out NIH haystack")
     needle: str = field("SF", metavar="NEEDLE", help="held-out NIH needle")
-    lengths: str = field("5000", metavar="L1,L2,...", help="held-out NIH lengths")
+    lengths: str = field("4000,5000,6000", metavar="L1,L2,...", help="held-out NIH lengths")
     depths: str = field("0,25,50", metavar="D1,D2,...", help="held-out NIH depths (percent)")
     baseline_alpha: float = field(0.9, help="alpha of the all-heads comparison condition")
     qa: str = field("", metavar="FILE", help="SQuAD file (.jsonl HF rows or original JSON); empty = no QA")

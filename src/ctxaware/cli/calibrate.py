@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", nargs="?", choices=("run", "judge"), default="run",
                         help="run (default): calibrate and write DIR/steering.yaml; judge: evaluate --steering FILE "
                              "on a held-out NIH grid and a SQuAD sample against chat and chat + all heads (there "
-                             "--lengths/--depths/--haystack/--needle name the held-out grid: defaults 5000 / "
+                             "--lengths/--depths/--haystack/--needle name the held-out grid: defaults 4000,5000,6000 / "
                              "0,25,50 / builtin / SF)")
     parser.add_argument("--config", metavar="FILE", help="YAML/JSON file of calibration (or judge) options")
     add_config_options(parser, CalibrationConfig)
