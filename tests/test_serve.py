@@ -340,5 +340,6 @@ def test_joining_prompts_are_prefilled_together_and_match_single_replies(served)
             time.sleep(0.01)
         engine.stop()
         assert engine.prefills == passes
+        assert 1 <= engine.plans_opened < engine.steps  # one plan per batch composition, not per step
         texts = ["".join(v for k, v in done[i] if k == "text").strip() for i in range(len(PROMPTS))]
         assert texts == refs

@@ -102,6 +102,8 @@ class ServeEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps of the running batch
+        self._plan: contextlib.ExitStack | None = None  # the running batch's steering, open across steps
+        self.plans_opened = 0  # steering plans of the running batch (one per batch composition, not per step)
         self.prefills = 0  # prefill forward passes (several joining prompts share one)
 
     # ------------------------------------------------------------------ public
@@ -159,8 +161,10 @@ class ServeEngine:
                 logger.exception("decoding failed")
                 self._fail_all(APIError(f"internal error while decoding: {exc}", status=500, type="server_error",
                                         code="internal_error"), queued=False)
+        self._close_plan()  # in this thread, where the plan was pushed
 
     def _fail_all(self, error: APIError, queued: bool = True) -> None:
+        self._close_plan()
         for rows in list(self.groups.values()):
             for g in rows:
                 self._finish(g, error=error)
@@ -206,6 +210,26 @@ class ServeEngine:
                 chunks.append([gen])
         return chunks
 
+    def _open_plan(self, rows: list[Generation], length: int) -> None:
+        """Steer the running batch, and keep the block open across decoding steps until rows join or
+        leave: keys past a row's emphasis (its generated tokens) are never biased, so the mask built at
+        ``length`` holds for every later step, and the plan is built once, not per step."""
+        if self._plan is not None or all(g.steering is None for g in rows):
+            return
+        emphasis = torch.ones(len(rows), length, dtype=torch.bool)
+        for r, g in enumerate(rows):
+            if g.emphasis is not None:
+                emphasis[r, g.start:g.start + len(g.emphasis)] = torch.tensor(g.emphasis, dtype=torch.bool)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._steering_ctx(rows, emphasis))
+        self._plan = stack
+        self.plans_opened += 1
+
+    def _close_plan(self) -> None:
+        if self._plan is not None:
+            stack, self._plan = self._plan, None
+            stack.close()
+
     def _steering_ctx(self, rows: list[Generation], emphasis: Any) -> Any:
         if all(g.steering is None for g in rows):
             return contextlib.nullcontext()
@@ -217,6 +241,7 @@ class ServeEngine:
         prompt) and each row's next-token logits."""
         from transformers import DynamicCache
 
+        self._close_plan()  # the running batch's plan must not steer the joining rows
         width = max(len(g.input_ids) for g in gens)
         cache = DynamicCache(config=self.model.config)
         x = torch.zeros(len(gens), width, dtype=torch.long)
@@ -242,6 +267,7 @@ class ServeEngine:
         """A fresh left-padded buffer holding the group's running rows and the ``new`` ones."""
         from transformers.cache_utils import Cache
 
+        self._close_plan()
         old_rows = self.groups.get(key, [])
         old_cache, length = self.buffers.get(key, (None, 0))
         trim = min((g.start for g in old_rows), default=0)
@@ -275,20 +301,20 @@ class ServeEngine:
         cache, length = self.buffers[key]
         n = len(rows)
         attn = torch.zeros(n, length + 1, dtype=torch.long, device=self.device)
-        emphasis = torch.ones(n, length, dtype=torch.bool)
         for r, g in enumerate(rows):
             attn[r, g.start:] = 1
-            if g.emphasis is not None:
-                emphasis[r, g.start:g.start + len(g.emphasis)] = torch.tensor(g.emphasis, dtype=torch.bool)
         pos = torch.tensor([[length - g.start] for g in rows], device=self.device)
         step_input = torch.tensor([[g.tokens[-1]] for g in rows], device=self.device)
-        with torch.inference_mode(), self._steering_ctx(rows, emphasis):
+        self._open_plan(rows, length)
+        with torch.inference_mode():
             out = self.model(input_ids=step_input, attention_mask=attn, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **{self.cache_arg: cache})
         self.steps += 1
         self.buffers[key] = (cache, length + 1)
         logits = out.logits[:, -1]
         keep = [r for r, g in enumerate(rows) if self._push(g, logits[r])]
+        if len(keep) < n:
+            self._close_plan()
         if not keep:
             del self.groups[key], self.buffers[key]
         elif len(keep) < n:
