@@ -110,21 +110,26 @@ LOADING_COMMANDS = {  # command line up to the model options; the loader each on
     "serve": (["serve", "--port", "0"], "load_model"),
     "spans": (["spans", "--messages", "{messages}"], "load_tokenizer"),
     "eval": (["eval", "--tasks", "ctxaware_squad_ind", "--limit", "1"], "load_model"),
+    "study": (["study", "--out", "{tmp}/study", "--no-progress"], "load_model"),
+    "calibrate": (["calibrate", "--out", "{tmp}/cal"], "load_model"),
 }
 
 
 @pytest.mark.parametrize("command", list(LOADING_COMMANDS))
 def test_trust_remote_code_reaches_the_loader_of_every_command(command, tmp_path, monkeypatch, capsys):
     """``--trust-remote-code`` is accepted by every command that loads a model and reaches its loader
-    (and is off without the flag)."""
+    (and is off without the flag); so do ``--attn-implementation`` and ``--device-map`` where the
+    command loads a whole model."""
     import json
 
     import ctxaware.models as models
 
     seen: list[bool] = []
+    extra: list[dict] = []
 
     def fake(*args, trust_remote_code=False, **kwargs):
         seen.append(trust_remote_code)
+        extra.append(kwargs)
         raise _Loaded
 
     monkeypatch.setattr(models, LOADING_COMMANDS[command][1], fake)
@@ -138,6 +143,12 @@ def test_trust_remote_code_reaches_the_loader_of_every_command(command, tmp_path
         with pytest.raises(_Loaded):
             _cli(argv + ["--model", str(tmp_path / "no-such-model")] + flag, capsys)
         assert seen[-1] is want, (command, flag)
+    if LOADING_COMMANDS[command][1] == "load_model":
+        with pytest.raises(_Loaded):
+            _cli(argv + ["--model", str(tmp_path / "no-such-model"), "--attn-implementation", "eager",
+                         "--device-map", "sequential"], capsys)
+        assert extra[-1].get("attn_implementation") == "eager", (command, extra[-1])
+        assert extra[-1].get("device_map") == "sequential", (command, extra[-1])
 
 
 @pytest.mark.slow

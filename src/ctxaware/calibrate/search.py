@@ -232,7 +232,8 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     if model is None or tokenizer is None:
         from ..models import load_model
 
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     n_layers, n_heads = model_dims(model)

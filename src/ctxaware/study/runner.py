@@ -83,7 +83,8 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
     if model is None or tokenizer is None:
         from ..models import load_model
 
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     check_grid(ncfg, model, steer)  # before any part runs: window, heads
