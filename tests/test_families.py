@@ -22,17 +22,10 @@ from typing import Any
 
 import pytest
 import torch
+from test_measure_models import one_thread  # noqa: F401  (autouse: one torch thread)
 from test_chat import NO_SYSTEM, SPECIALS, TEMPLATES
 
 from ctxaware.errors import CtxawareError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,17 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from test_chat import TEMPLATES
 from test_families import FAMILIES, MESSAGES, build_model, tokenizer_for
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_measure_models import one_thread  # noqa: F401  (autouse: one torch thread)
 
 
 # ----------------------------------------------------------------------------- Gemma-2 through the CLI

@@ -24,20 +24,13 @@ import shutil
 import pytest
 import torch
 
+from test_measure_models import one_thread  # noqa: F401  (autouse: one torch thread)
 from ctxaware.attention import flex as FX
 from ctxaware.attention import functional as AF
 from ctxaware.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="compiled flex_attention on CPU needs a C++ compiler (none on PATH)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _inputs(b, h, h_kv, t, d, seed=0, dv=None):

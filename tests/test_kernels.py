@@ -17,16 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from test_measure_models import one_thread  # noqa: F401  (autouse: one torch thread)
 from ctxaware.attention import functional as AF
 from ctxaware.attention.kernels import kernel_for
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _inputs(b=2, h=4, h_kv=2, t=24, d=64, dtype=torch.float32, seed=0):
