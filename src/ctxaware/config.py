@@ -26,6 +26,30 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
     return dataclasses.field(default=default, metadata=meta)
 
 
+def device_map_field() -> Any:
+    """The ``device_map`` field of every config whose run loads a model (same help everywhere)."""
+    return field(None, metavar="MAP", help="place layers across devices through accelerate: auto, balanced, "
+                 "sequential or a JSON object (default: none)")
+
+
+def attn_implementation_field() -> Any:
+    """The ``attn_implementation`` field of every config whose run loads a model."""
+    return field(None, metavar="NAME", help="attention implementation (sdpa, eager, flex_attention, ...; "
+                 "default: the model's own)")
+
+
+def trust_remote_code_field() -> Any:
+    """The ``trust_remote_code`` field of every config whose run loads a model."""
+    return field(False, help="run the model repository's own Python code (off by default)")
+
+
+def load_kwargs(cfg: Any) -> dict[str, Any]:
+    """``load_model`` keyword arguments (without the name) from a config with ``dtype``, ``device`` and
+    the three fields above."""
+    return {"dtype": cfg.dtype, "device": cfg.device, "device_map": cfg.device_map,
+            "attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping from ``path``; one-line errors for missing or malformed files."""
     import yaml

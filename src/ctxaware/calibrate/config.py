@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigMixin, field
+from ..config import ConfigMixin, attn_implementation_field, device_map_field, field, trust_remote_code_field
 from ..errors import ConfigError
 
 #: the built-in corpus with its files in reverse order: held-in text disjoint from the quick grid's
@@ -104,11 +104,9 @@ class CalibrationConfig(ConfigMixin):
     batch_size: int = field(4, help="held-in cells decoded together")
     dtype: str = field("auto", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype: auto = bfloat16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32; float32 for exact comparisons")
     device: str | None = field(None, help="torch device (default: CPU, or the model's device)")
-    device_map: str | None = field(None, metavar="MAP", help="place layers across devices through accelerate: "
-                                   "auto, balanced, sequential or a JSON object (default: none)")
-    attn_implementation: str | None = field(None, metavar="NAME", help="attention implementation (sdpa, eager, "
-                                            "flex_attention, ...; default: the model's own)")
-    trust_remote_code: bool = field(False, help="run the model repository's own Python code (off by default)")
+    device_map: str | None = device_map_field()
+    attn_implementation: str | None = attn_implementation_field()
+    trust_remote_code: bool = trust_remote_code_field()
     resume: bool = field(True, help="reuse the steps an earlier run with the same settings finished (kept under "
                                     "DIR/cache/); --no-resume recomputes everything")
     plot: bool = field(True, help="draw calibration.png (needs matplotlib)")

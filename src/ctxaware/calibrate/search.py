@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..config import load_kwargs
 from ..attention.backend import model_dims
 from ..niah.haystack import BUILTIN, CORPUS_DIR, Haystack, HaystackText, read_haystack
 from ..niah.needles import load_needle
@@ -232,8 +233,7 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     if model is None or tokenizer is None:
         from ..models import load_model
 
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
-                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+        loaded = load_model(cfg.model, **load_kwargs(cfg))
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     n_layers, n_heads = model_dims(model)

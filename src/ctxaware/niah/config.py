@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigMixin, field
+from ..config import ConfigMixin, attn_implementation_field, device_map_field, field, trust_remote_code_field
 from ..errors import ConfigError
 
 MODE_BASES = ("raw", "chat")
@@ -116,11 +116,9 @@ class NiahConfig(ConfigMixin):
                             "(float32 for exact comparisons)")
     device: str | None = field(None, help="torch device (default: cuda, then mps, when present; else cpu; or the "
                                           "device of a model passed in)")
-    device_map: str | None = field(None, metavar="MAP", help="place layers across devices through accelerate: "
-                                   "auto, balanced, sequential or a JSON object (default: none)")
-    attn_implementation: str | None = field(None, metavar="NAME", help="attention implementation (sdpa, eager, "
-                                            "flex_attention, ...; default: the model's own)")
-    trust_remote_code: bool = field(False, help="run the model repository's own Python code (off by default)")
+    device_map: str | None = device_map_field()
+    attn_implementation: str | None = attn_implementation_field()
+    trust_remote_code: bool = trust_remote_code_field()
     truncate: bool = field(False, help="clamp context lengths beyond the model's window to the window (with a "
                                        "warning) instead of refusing them")
     out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume; "

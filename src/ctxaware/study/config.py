@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigMixin, field
+from ..config import ConfigMixin, attn_implementation_field, device_map_field, field, trust_remote_code_field
 from ..errors import ConfigError
 from ..niah.config import NiahConfig, canonical_mode
 
@@ -49,11 +49,9 @@ class StudyConfig(ConfigMixin):
     batch_size: int = field(8, help="NIH cells decoded together")
     dtype: str = field("auto", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype: auto = bfloat16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32; float32 for exact comparisons")
     device: str | None = field(None, help="torch device (default: cuda, then mps, else cpu)")
-    device_map: str | None = field(None, metavar="MAP", help="place layers across devices through accelerate: "
-                                   "auto, balanced, sequential or a JSON object (default: none)")
-    attn_implementation: str | None = field(None, metavar="NAME", help="attention implementation (sdpa, eager, "
-                                            "flex_attention, ...; default: the model's own)")
-    trust_remote_code: bool = field(False, help="run the model repository's own Python code (off by default)")
+    device_map: str | None = device_map_field()
+    attn_implementation: str | None = attn_implementation_field()
+    trust_remote_code: bool = trust_remote_code_field()
     report: bool = field(True, help="write DIR/report.html at the end")
     overwrite: bool = field(False, help="discard NIH results in DIR/niah of a different study")
     progress: bool = field(True, help="show progress bars")

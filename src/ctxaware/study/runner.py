@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import load_kwargs
 from .attention import FILENAME, attention_by_role, read_json, write_json
 from .config import StudyConfig
 
@@ -83,8 +84,7 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
     if model is None or tokenizer is None:
         from ..models import load_model
 
-        loaded = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
-                            attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+        loaded = load_model(cfg.model, **load_kwargs(cfg))
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     check_grid(ncfg, model, steer)  # before any part runs: window, heads
