@@ -196,3 +196,37 @@ def test_half_precision_model_steers_through_prefill_and_decode(dtype):
     effect = (steered32 - plain32).abs().max()
     assert effect > 0.2  # alpha 0.05 moves these logits clearly ...
     assert (steered - steered32).abs().max() < effect / 4  # ... and half precision follows float32
+
+
+def test_decode_mask_dtype_per_device_and_dtype():
+    """One-token decoding: a mask of the query's dtype in fp32/fp64, a float32 mask for half types on
+    CPU, and the padded channels (None) for half types elsewhere (here: the meta device)."""
+    for dtype in (torch.float32, torch.float64):
+        assert AF.decode_mask_dtype(torch.zeros(1, 1, 1, 8, dtype=dtype)) == dtype
+    for dtype in (torch.bfloat16, torch.float16):
+        assert AF.decode_mask_dtype(torch.zeros(1, 1, 1, 8, dtype=dtype)) == torch.float32
+        assert AF.decode_mask_dtype(torch.zeros(1, 1, 1, 8, dtype=dtype, device="meta")) is None
+
+
+def test_half_precision_decode_mask_keeps_alpha_exact():
+    """bf16 decoding through the float mask: 63 down-weighted keys and one plain key at equal scores,
+    values the down indicator, so the output is 63α / (63α + 1). With the float32 mask it is that
+    value to one bf16 step; a bf16 mask (log α rounded) misses it by more (at α = 0.01)."""
+    t, d = 64, 64
+    q = torch.zeros(1, 3, 1, d, dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, t, d, dtype=torch.bfloat16)
+    down = torch.zeros(1, t, dtype=torch.bool)
+    down[0, :63] = True
+    v = down.to(torch.bfloat16)[:, None, :, None].expand(1, 1, t, d).contiguous()
+    for alpha in (0.01, 0.02, 0.05):
+        exact = 63 * alpha / (63 * alpha + 1)
+        add = AF.additive_bias(torch.full((1, 3), math.log(alpha), dtype=torch.float64), down)
+        out = AF.sdpa_decode_mask(q, k, v, None, scaling=d ** -0.5, add=add)
+        assert out.shape == (1, 1, 3, d) and out.dtype == torch.bfloat16
+        ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(exact))
+        assert (out.double() - exact).abs().max() <= ulp, (alpha, out[0, 0, :, 0], exact)
+    add = AF.additive_bias(torch.full((1, 1), math.log(0.01), dtype=torch.float64), down)
+    rounded = F.scaled_dot_product_attention(q[:, :1], k, v, attn_mask=add.to(torch.bfloat16))
+    exact = 63 * 0.01 / (63 * 0.01 + 1)
+    ulp = torch.finfo(torch.bfloat16).eps * 2.0 ** math.floor(math.log2(exact))
+    assert (rounded.double() - exact).abs().max() > ulp  # what the float32 mask avoids

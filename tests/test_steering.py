@@ -248,6 +248,39 @@ def test_kv_cache_generation_equals_full_recompute(models, tok, impl):
     torch.testing.assert_close(full, ref, atol=1e-5, rtol=0)
 
 
+def test_decode_bias_buffer_is_reused_and_rebuilt_exactly(models, tok, monkeypatch):
+    """Decoding steps take their bias from a per-layer buffer built ahead of the cache: with 2 keys of
+    slack it is rebuilt every third step, and every step still equals full recompute."""
+    from ctxaware.attention import plan as AP
+
+    monkeypatch.setattr(AP, "DECODE_SLACK", 2)
+    builds = []
+    real = AP.KeyBiasPlan.decode_bias
+
+    def spy(self, layer, kv_length, *args):
+        key = ("decode", layer, *args[:3])
+        buf = self._cache.get(key)
+        builds.append(buf is None or buf.shape[-1] < kv_length)
+        return real(self, layer, kv_length, *args)
+
+    monkeypatch.setattr(AP.KeyBiasPlan, "decode_bias", spy)
+    model, r = models["sdpa"], rendered(tok, 1)
+    cfg = SteeringConfig(alpha=0.3)
+    gen_cfg = SteeredModel(model, tok, cfg).generation_config(7, min_new_tokens=7, output_logits=True,
+                                                              return_dict_in_generate=True)
+    ids = torch.tensor([r.input_ids])
+    with steer(model, cfg, r), torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+    layers = model.config.num_hidden_layers
+    assert len(builds) == 6 * layers  # 6 decoding steps after the prefill
+    assert sum(builds) == 2 * layers  # built at the first step and again 3 steps later
+    seq, p = out.sequences[0].tolist(), len(r.input_ids)
+    for step, step_logits in enumerate(out.logits):
+        with steer(model, cfg, r):
+            full = logits(model, seq[: p + step])[0, -1]
+        torch.testing.assert_close(step_logits[0], full, atol=1e-5, rtol=0)
+
+
 def test_generated_keys_are_never_down_weighted(models, tok):
     model, r = models["sdpa"], rendered(tok)
     p = len(r.input_ids)

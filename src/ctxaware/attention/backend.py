@@ -114,18 +114,24 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         scaling = query.shape[-1] ** -0.5
     batch, kv_length, device = query.shape[0], key.shape[2], query.device
     offset = plan.kv_offset(kwargs.get("sliding_window"))
-    down = plan.down(kv_length, batch, device, offset)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    coef = _coefficient(plan, head_scale, query)
     share = plan.row_share(batch, device)
+    mask_dtype = AF.decode_mask_dtype(query) if query.shape[2] == 1 else None
+    if mask_dtype is not None and share is None and not offset:  # a decoding step: the layer's bias buffer
+        add = plan.decode_bias(module.layer_idx, kv_length, batch, device, mask_dtype,
+                               lambda: _coefficient(plan, head_scale, query))
+        out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling, add=add, dropout=dropout)
+        return out, None
+    coef = _coefficient(plan, head_scale, query)
+    down = plan.down(kv_length, batch, device, offset)
     if share is not None:
         emph = plan.emphasised(kv_length, batch, device, offset)
         shares = AS.shares_sdpa(query, key, attention_mask, scaling=scaling, emphasised=emph, down=down,
                                 is_causal=causal)
         coef = coef[..., None] + AS.share_coef(shares, share, head_scale > 0, plan.share_floor)
-    if query.shape[2] == 1 and query.dtype not in AF.HALF:
-        out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling,
-                                  add=AF.additive_bias(coef, down), dropout=dropout)
+    if mask_dtype is not None:
+        add = AF.additive_bias(coef, down)
+        out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling, add=add, dropout=dropout)
     else:
         out = AF.sdpa_key_bias(query, key, value, attention_mask, scaling=scaling, coef=coef, down=down,
                                is_causal=causal, dropout=dropout)

@@ -19,8 +19,9 @@ the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α r
   scores would be large, or when forced with :func:`.flex.use_path` — through compiled
   ``flex_attention`` with a ``score_mod`` (:mod:`.flex`), which never materialises the scores; if
   flex cannot compile the inputs, the chunked SDPA below is the fallback.
-* :func:`sdpa_decode_mask` (one query token in fp32/fp64): a float mask ``(B, H, 1, T)`` — O(T)
-  per head — with the grouped query heads packed as query rows.
+* :func:`sdpa_decode_mask` (one query token in fp32/fp64, and in bf16/fp16 on CPU): a float mask
+  ``(B, H, 1, T)`` — O(T) per head — with the grouped query heads packed as query rows, so the
+  KV cache is read in place, never copied into padded channels (:func:`decode_mask_dtype`).
 * :func:`eager_bias`: the eager formula (scores + mask + bias, float32 softmax).
 """
 
@@ -284,20 +285,35 @@ def _with_mask(full: torch.Tensor, attention_mask: torch.Tensor | None, dtype: t
     return full.to(dtype)
 
 
+def decode_mask_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The dtype of :func:`sdpa_decode_mask`'s float mask for a one-token ``query``, or None where
+    decoding goes through :func:`sdpa_channels` instead.
+
+    fp32/fp64 queries take a mask of their own dtype. bf16/fp16 queries take a float32 mask on CPU,
+    whose flash kernel adds the mask in its float32 accumulator (so ``log α`` is exact to float32,
+    not rounded to 8 or 11 bits). On CUDA they keep the channels: a mask of another dtype than the
+    query leaves the fused kernels there, and the math kernel would upcast the whole KV cache.
+    """
+    if query.dtype not in HALF:
+        return query.dtype
+    return torch.float32 if query.device.type == "cpu" else None
+
+
 def sdpa_decode_mask(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, *, scaling: float, add: torch.Tensor,
                      dropout: float = 0.0) -> torch.Tensor:
     """One query token: SDPA with the float mask ``add + mask`` ``(B, H, 1, Tk)``; ``(B, 1, H, Dv)``.
 
     The ``n_rep`` query heads sharing a kv head are packed as ``n_rep`` query rows, so keys and
-    values are never repeated (and never copied). Meant for fp32/fp64 (a half-precision mask would
-    round the bias; half types decode through :func:`sdpa_channels`).
+    values are never repeated (and never copied). The mask has :func:`decode_mask_dtype`'s dtype
+    (float32 for bf16/fp16 queries: a half-precision mask would round the bias); ``add`` already of
+    that dtype, without a padding mask, is passed as is (a view of a longer buffer is fine).
     """
     b, h, tq, d = query.shape
     h_kv, dv = key.shape[1], value.shape[-1]
     n_rep = h // h_kv
     work = torch.promote_types(query.dtype, torch.float32)
-    mask = _with_mask(add.to(work), attention_mask, query.dtype, work)
+    mask = _with_mask(add.to(work), attention_mask, decode_mask_dtype(query) or query.dtype, work)
     mask = mask.expand(b, h, tq, mask.shape[-1])
     if n_rep > 1 and tq == 1:
         q = query.reshape(b, h_kv, n_rep, d)

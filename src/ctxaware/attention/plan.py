@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from ..errors import SteeringError
+
+DECODE_SLACK = 256  # keys a decoding step's bias buffer is built ahead of the cache
 
 _PLANS: ContextVar[tuple[tuple[frozenset, "KeyBiasPlan"], ...]] = ContextVar("ctxaware_plans", default=())
 
@@ -113,6 +115,24 @@ class KeyBiasPlan:
             la = self.row_log_alpha(batch, device)[:, None].expand_as(down)
             out = self._cache[key] = torch.where(down, la, torch.zeros((), dtype=la.dtype, device=device))
         return out
+
+    def decode_bias(self, layer: int, kv_length: int, batch: int, device: torch.device, dtype: torch.dtype,
+                    coef: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``(batch, H, 1, kv_length)`` fixed-α bias ``coef()[b, h] · down[b, k]`` of a decoding step, in
+        ``dtype``: a view of a per-layer buffer built :data:`DECODE_SLACK` keys ahead, so the steps
+        that follow (one key longer each) build nothing. Keys past the prompt get 0, so a longer
+        buffer's prefix is the shorter bias exactly. Full-attention layers only (key offset 0)."""
+        key = ("decode", layer, batch, device, dtype)
+        buf = self._cache.get(key)
+        if buf is None or buf.shape[-1] < kv_length:
+            c = coef()
+            cap = kv_length + DECODE_SLACK
+            emph = self._rows(self.emphasis, batch).to(device)
+            n = min(emph.shape[1], cap)
+            down = torch.zeros(batch, cap, dtype=torch.float64, device=device)
+            down[:, :n] = (~emph[:, :n]).double()
+            buf = self._cache[key] = (c.double()[:, :, None, None] * down[:, None, None, :]).to(dtype)
+        return buf[..., :kv_length]
 
     def _evict(self, kind: str, size: tuple[int, int]) -> None:
         """Drop cached tensors of other key ranges (decoding grows the length by one per step); the
