@@ -5,7 +5,7 @@ query ``q`` and key ``k``: ``u`` is the indicator of the down-weighted keys (pro
 the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α rule, or the per-query
 ``b_q`` of the target-share rule. Nothing here materialises a ``T × T`` tensor per head:
 
-* :func:`sdpa_channels` (prefill, and decoding in half precision) folds the bias into SDPA through
+* :func:`sdpa_channels` (prefill, and decoding in half precision on CUDA) folds the bias into SDPA through
   extra channels: ``q' = [q, c₁, c₂, …, 0…]``, ``k' = [k, u, u, …, 0…]`` with ``c₁ + c₂ + … =
   c / scale`` (a hi/lo split: ``c₁`` is ``c / scale`` rounded to the dtype, ``c₂`` the rounded
   remainder, …) and SDPA called with ``scale`` explicitly, so ``scale · q'·k' = scale · q·k + c·u``
