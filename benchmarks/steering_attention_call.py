@@ -9,6 +9,9 @@ of ``--repeats``; CPU time on CPU, wall time with synchronisation on CUDA):
   the channel copies included;
 * ``flex``     — the same call forced onto compiled ``flex_attention`` (``use_path("flex")``; compiled
   once before timing).
+* ``thin``     — ``thin.attention``: the plain 64-wide CPU flash call with its log-sum-exp, corrected
+  over the down-weighted keys (what ``auto`` takes in fp32/fp64 on CPU for α ≥ 0.5 and few down
+  keys; give ``--down-keys 20`` for a chat prompt's system prompt and template tokens).
 
 ``--down`` is the fraction of keys that are down-weighted (the first ones, like a system prompt
 before the user's document; default 0.3).
@@ -19,6 +22,7 @@ before the user's document; default 0.3).
 
     python benchmarks/steering_attention_call.py --lengths 2048,4096,8192 --repeats 3 --threads 1
     python benchmarks/steering_attention_call.py --dtype bfloat16 --lengths 4096
+    python benchmarks/steering_attention_call.py --paths plain,channels,thin --down-keys 20 --lengths 2048,4096,8192
     python benchmarks/steering_attention_call.py --value-dim 32 --lengths 4096,8192 --paths channels,flex
 """
 
@@ -30,7 +34,8 @@ import os
 import sys
 import time
 
-PATHS = ("plain", "channels", "flex")
+PATHS = ("plain", "channels", "flex", "thin")
+DEFAULT_PATHS = ("plain", "channels", "flex")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--value-dim", type=int, default=64, help="value head dim (64 = the model's; 32: math-only)")
-    ap.add_argument("--paths", default=",".join(PATHS), help=f"paths to time, from {', '.join(PATHS)}")
+    ap.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"paths to time, from {', '.join(PATHS)}")
     ap.add_argument("--down", type=float, default=0.3, help="fraction of down-weighted keys (the first ones)")
+    ap.add_argument("--down-keys", type=int, default=None,
+                    help="number of down-weighted keys instead of --down (a chat prompt steered toward the user's "
+                         "turn has tens: its system prompt and template tokens)")
     args = ap.parse_args(argv)
 
     import torch
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctxaware.attention import flex as FX
     from ctxaware.attention import functional as AF
+    from ctxaware.attention import thin as TH
 
     torch.set_num_threads(args.threads)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         q = torch.randn(1, length, h, d, dtype=dtype, device=device).transpose(1, 2)
         k = torch.randn(1, length, h_kv, d, dtype=dtype, device=device).transpose(1, 2)
         v = torch.randn(1, length, h_kv, dv, dtype=dtype, device=device).transpose(1, 2)
-        down = torch.arange(length, device=device)[None] < round(args.down * length)
+        n_down = args.down_keys if args.down_keys is not None else round(args.down * length)
+        down = torch.arange(length, device=device)[None] < n_down
         coef = torch.full((1, h), math.log(args.alpha), dtype=torch.float64, device=device)
 
         def steered(path: str):
@@ -93,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         fns = {"plain": lambda: sdpa_attention_forward(Module(), q, k, v, None, scaling=d ** -0.5),
-               "channels": steered("sdpa"), "flex": steered("flex")}
+               "channels": steered("sdpa"), "flex": steered("flex"),
+               "thin": lambda: TH.attention(q, k, v, scaling=d ** -0.5, coef=coef, down=down)}
         if "flex" in paths:
             fns["flex"]()  # compile outside the timing
             if FX.failures():

@@ -35,6 +35,7 @@ import torch
 from ..errors import ConfigError, SteeringError
 from . import functional as AF
 from . import share as AS
+from . import thin as TH
 from .plan import KeyBiasPlan, active_plans, plan_for_config, pop_plan, push_plan
 
 __all__ = ["EAGER_NAME", "FLEX_NAME", "SDPA_NAME", "KeyBiasPlan", "active_plans", "eager_attention", "model_configs",
@@ -133,8 +134,12 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         add = AF.additive_bias(coef, down)
         out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling, add=add, dropout=dropout)
     else:
-        out = AF.sdpa_key_bias(query, key, value, attention_mask, scaling=scaling, coef=coef, down=down,
-                               is_causal=causal, dropout=dropout)
+        out = None
+        if TH.wanted(query, key, value, attention_mask, coef=coef, down=down, is_causal=causal, dropout=dropout):
+            out = TH.attention(query, key, value, scaling=scaling, coef=coef, down=down)
+        if out is None:
+            out = AF.sdpa_key_bias(query, key, value, attention_mask, scaling=scaling, coef=coef, down=down,
+                                   is_causal=causal, dropout=dropout)
     return out, None
 
 
