@@ -119,8 +119,8 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     share = plan.row_share(batch, device)
     mask_dtype = AF.decode_mask_dtype(query) if query.shape[2] == 1 else None
     if mask_dtype is not None and share is None and not offset:  # a decoding step: the layer's bias buffer
-        add = plan.decode_bias(module.layer_idx, kv_length, batch, device, mask_dtype,
-                               lambda: _coefficient(plan, head_scale, query))
+        add = plan.decode_bias(module.layer_idx, kv_length, batch, device, mask_dtype, lambda n: AF.additive_bias(
+            _coefficient(plan, head_scale, query), plan.down(n, batch, device)))
         out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling, add=add, dropout=dropout)
         return out, None
     coef = _coefficient(plan, head_scale, query)

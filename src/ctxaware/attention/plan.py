@@ -117,21 +117,16 @@ class KeyBiasPlan:
         return out
 
     def decode_bias(self, layer: int, kv_length: int, batch: int, device: torch.device, dtype: torch.dtype,
-                    coef: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``(batch, H, 1, kv_length)`` fixed-α bias ``coef()[b, h] · down[b, k]`` of a decoding step, in
-        ``dtype``: a view of a per-layer buffer built :data:`DECODE_SLACK` keys ahead, so the steps
-        that follow (one key longer each) build nothing. Keys past the prompt get 0, so a longer
-        buffer's prefix is the shorter bias exactly. Full-attention layers only (key offset 0)."""
+                    build: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """``(batch, H, 1, kv_length)`` fixed-α bias of a decoding step, in ``dtype``: a view of a
+        per-layer buffer ``build(n)`` (the bias of the first ``n`` keys) made :data:`DECODE_SLACK`
+        keys ahead, so the steps that follow (one key longer each) build nothing. Keys past the prompt
+        get 0, so a longer buffer's prefix is the shorter bias exactly. Full-attention layers only
+        (key offset 0)."""
         key = ("decode", layer, batch, device, dtype)
         buf = self._cache.get(key)
         if buf is None or buf.shape[-1] < kv_length:
-            c = coef()
-            cap = kv_length + DECODE_SLACK
-            emph = self._rows(self.emphasis, batch).to(device)
-            n = min(emph.shape[1], cap)
-            down = torch.zeros(batch, cap, dtype=torch.float64, device=device)
-            down[:, :n] = (~emph[:, :n]).double()
-            buf = self._cache[key] = (c.double()[:, :, None, None] * down[:, None, None, :]).to(dtype)
+            buf = self._cache[key] = build(kv_length + DECODE_SLACK).to(dtype)
         return buf[..., :kv_length]
 
     def _evict(self, kind: str, size: tuple[int, int]) -> None:
