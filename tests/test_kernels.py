@@ -168,21 +168,19 @@ def test_half_precision_prefill_probabilities_keep_alpha():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_steers_through_prefill_and_decode(dtype):
-    """A tiny bf16/fp16 model: KV-cache decoding (padded channels) matches full recompute, and steering
+    """A tiny bf16/fp16 model: KV-cache decoding (a float32 mask on CPU) matches full recompute, and steering
     in half precision lands where float32 steering does (to half-precision noise)."""
-    from ctxaware.steering import SteeredModel, SteeringConfig, steer
-    from test_steering import rendered, tiny_model, tiny_tokenizer
+    from ctxaware.steering import SteeringConfig, steer
+    from test_steering import generate_steered, rendered, tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
     r = rendered(tok, 1)
     model32 = tiny_model("llama", "sdpa")
     model = tiny_model("llama", "sdpa").to(dtype)
     cfg = SteeringConfig(alpha=0.05)
-    gen_cfg = SteeredModel(model, tok, cfg).generation_config(4, min_new_tokens=4, output_logits=True,
-                                                              return_dict_in_generate=True)
+    out = generate_steered(model, tok, cfg, r, 4)
     ids = torch.tensor([r.input_ids])
     with steer(model, cfg, r), torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
         full = model(input_ids=out.sequences).logits.float()
     p = len(r)
     for step, step_logits in enumerate(out.logits):

@@ -225,15 +225,20 @@ def test_reference_compounding_multiplies_log_alpha_by_rank(models, tok):
     assert SteeringConfig().layer_multipliers([5, 1, 3]) == {1: 1.0, 3: 1.0, 5: 1.0}
 
 
+def generate_steered(model, tok, cfg, r, n):
+    """``n`` greedy tokens of one prompt under ``steer(model, cfg, r)``, with the logits of every step."""
+    gen_cfg = SteeredModel(model, tok, cfg).generation_config(n, min_new_tokens=n, output_logits=True,
+                                                              return_dict_in_generate=True)
+    ids = torch.tensor([r.input_ids])
+    with steer(model, cfg, r), torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_kv_cache_generation_equals_full_recompute(models, tok, impl):
     model, r = models[impl], rendered(tok, 1)
     cfg = SteeringConfig(alpha=0.4)
-    sm = SteeredModel(model, tok, cfg)
-    gen_cfg = sm.generation_config(6, min_new_tokens=6, output_logits=True, return_dict_in_generate=True)
-    ids = torch.tensor([r.input_ids])
-    with steer(model, cfg, r), torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+    out = generate_steered(model, tok, cfg, r, 6)
     seq = out.sequences[0].tolist()
     p = len(r.input_ids)
     assert len(seq) == p + 6
@@ -266,11 +271,7 @@ def test_decode_bias_buffer_is_reused_and_rebuilt_exactly(models, tok, monkeypat
     monkeypatch.setattr(AP.KeyBiasPlan, "decode_bias", spy)
     model, r = models["sdpa"], rendered(tok, 1)
     cfg = SteeringConfig(alpha=0.3)
-    gen_cfg = SteeredModel(model, tok, cfg).generation_config(7, min_new_tokens=7, output_logits=True,
-                                                              return_dict_in_generate=True)
-    ids = torch.tensor([r.input_ids])
-    with steer(model, cfg, r), torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+    out = generate_steered(model, tok, cfg, r, 7)
     layers = model.config.num_hidden_layers
     assert len(builds) == 6 * layers  # 6 decoding steps after the prefill
     assert sum(builds) == 2 * layers  # built at the first step and again 3 steps later
