@@ -1,7 +1,10 @@
 """Run the needle-in-a-haystack study (quick preset on the embedded model by default), or redraw its plots.
 
-``ctxaware niah [options]`` runs (or resumes) a study and prints the average recall error per
-mode; ``ctxaware niah plot DIR`` redraws the heatmaps of a results directory.
+``ctxaware niah [options]`` runs (or resumes) a study and prints the average recall error and
+effective length per mode; ``ctxaware niah plot DIR`` redraws the heatmaps of a results directory.
+``--needle`` takes a needle or a task (multi-key, multi-value, multi-query, literal-free, a file);
+``--shard i/n`` runs one shard of the grid (a later run without it merges), and under
+``accelerate launch`` every process takes its own shard.
 """
 
 from __future__ import annotations
@@ -59,8 +62,20 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(NiahConfig, args, base=preset_values(args.preset))
     result = run_niah(config)
-    print(f"NIH: {result.records[0]['model']} · needle {config.needle} · haystack {result.records[0]['haystack']} "
-          f"· {len(result.records)} cells ({result.new_cells} new)")
+    if not result.records:
+        print(f"NIH shard {result.shard[0]}/{result.shard[1]}: no cells of the grid fall in this shard")
+        return 0
+    first = result.records[0]
+    shard = f" · shard {result.shard[0]}/{result.shard[1]}" if result.shard[1] > 1 else ""
+    print(f"NIH: {first['model']} · needle {config.needle} · haystack {first['haystack']} "
+          f"· {len(result.records)} cells ({result.new_cells} new){shard}")
     print(result.table())
+    if result.shard[1] > 1 and config.shard is None:
+        print(f"process {result.shard[0]} of {result.shard[1]}: the main process merges the shards")
+        return 0
+    if result.shard[1] > 1:
+        print(f"shard files in {result.out}/; when every shard is done, run the same command without --shard "
+              "to merge them (and write summary and heatmaps)")
+        return 0
     print(f"results in {result.out}/ (results.jsonl, summary.md" + (", heatmaps" if result.plots else "") + ")")
     return 0

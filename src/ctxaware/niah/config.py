@@ -19,7 +19,7 @@ MODE_FLAGS = ("prefix", "ind", "steer")
 
 #: fields that do not change results: they may differ between a run and its resumption
 RUNTIME_FIELDS = ("out", "progress", "overwrite", "batch_size", "batch_memory", "prefix_cache", "prefill_chunk",
-                  "device", "truncate")
+                  "device", "truncate", "effective_threshold", "shard")
 #: fields that define what a cell of a given key is (beyond the key itself): a results directory holds
 #: cells of one such study; grid, modes and steering parameters may change between runs (they are in the keys)
 IDENTITY_FIELDS = ("model", "haystack", "needle", "max_new_tokens", "dtype", "reserve", "system", "system_message")
@@ -78,8 +78,10 @@ class NiahConfig(ConfigMixin):
                           help="haystack: 'builtin' (corpus shipped with ctxaware), 'paul_graham' (downloaded "
                                "once into the user cache) or a .txt file / directory of .txt files")
     needle: str = field("SF", metavar="NEEDLE",
-                        help="needle: SF, SF-indicator, pizza, pizza-indicator, pizza-short, or a YAML/JSON file "
-                             "with needle, question and keywords")
+                        help="needle or task: SF, SF-indicator, pizza, pizza-indicator, pizza-short, multi-key, "
+                             "multi-value, multi-query, literal-free, literal-free-2..6, or a YAML/JSON file with "
+                             "needle (or needles), question, keywords and optional distractors, offsets, prefix "
+                             "(docs/niah.md)")
     lengths: Any = field(None, metavar="L1,L2,...",
                          help="context lengths in tokens, comma-separated (default: "
                               "round(linspace(min-length, max-length, num-lengths)))")
@@ -121,6 +123,13 @@ class NiahConfig(ConfigMixin):
     trust_remote_code: bool = trust_remote_code_field()
     truncate: bool = field(False, help="clamp context lengths beyond the model's window to the window (with a "
                                        "warning) instead of refusing them")
+    effective_threshold: float = field(0.85, help="mean recall a length must reach for the effective length (the "
+                                                  "longest length up to which every tested length reaches it)")
+    shard: str | None = field(None, metavar="I/N",
+                              help="run only the cells i, i+N, i+2N, ... of the grid (0 <= I < N) into "
+                                   "results.shard-I-of-N.jsonl of --out; a later run without --shard merges the "
+                                   "shards (default under accelerate launch / torchrun: RANK/WORLD_SIZE, merged by "
+                                   "the main process)")
     out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume; "
                                                             "cells of the same model, needle and haystack are reused "
                                                             "whatever the grid, modes or steering)")
@@ -159,6 +168,12 @@ class NiahConfig(ConfigMixin):
             raise ConfigError(f"depths must be percentages in [0, 100], got {self.depths}")
         if not 0.0 < float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha must be in (0, 1], got {self.alpha}")
+        if not 0.0 < float(self.effective_threshold) <= 1.0:
+            raise ConfigError(f"effective_threshold must be in (0, 1], got {self.effective_threshold}")
+        if self.shard is not None:
+            from ..distributed import parse_shard
+
+            parse_shard(self.shard)
         if not isinstance(self.system, str):
             raise ConfigError("system must be a string")
 

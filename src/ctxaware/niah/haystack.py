@@ -9,7 +9,8 @@ needs more tokens than it has. Token ids are cached per (tokenizer, haystack) fo
 Placement (METHOD §5): haystack + needle get ``L - reserve`` tokens (``L - L//2`` when
 ``L < 2·reserve``, so that small lengths neither vanish nor collapse onto each other); the needle
 goes at ``depth · len(haystack)`` moved back to just after a token ending with a period; depth
-100 % appends it.
+100 % appends it. Several sentences (:meth:`Haystack.place_many`, the needles and distractors of a
+task) each go at their own depth the same way; they share the budget.
 """
 
 from __future__ import annotations
@@ -126,12 +127,13 @@ def context_budget(length: int, reserve: int) -> int:
 
 @dataclass(frozen=True)
 class Placement:
-    """A haystack with the needle in it: ``text``, and where the needle went (in haystack tokens)."""
+    """A haystack with the needle(s) in it: ``text``, and where they went (in haystack tokens)."""
 
     text: str
     haystack_tokens: int
     needle_tokens: int
     needle_token_index: int
+    positions: tuple[int, ...] = ()  # haystack token index of every text placed (needles, then distractors)
 
 
 def _tokenizer_key(tokenizer: Any) -> tuple:
@@ -187,24 +189,48 @@ class Haystack:
             ends[t] = self.tokenizer.decode([t], clean_up_tokenization_spaces=False).rstrip().endswith(".")
         return [ends[t] for t in ids]
 
+    def _position(self, n_hay: int, depth: float) -> int:
+        """Token index at ``depth`` % of ``n_hay`` haystack tokens, moved back to just after a period."""
+        if depth >= 100:
+            return n_hay
+        pos = int(n_hay * depth / 100)
+        while pos > 0 and not self._period[pos - 1]:
+            pos -= 1
+        return pos
+
     def place(self, needle: str, length: int, depth: float, *, reserve: int = 200) -> Placement:
         """The context of cell (``length``, ``depth``): the haystack cut to budget with ``needle`` inside."""
-        needle = needle.strip()
-        n_needle = len(self._encode(" " + needle))
+        return self.place_many([needle], length, [depth], reserve=reserve)
+
+    def place_task(self, needle: Any, length: int, depth: float, *, reserve: int = 200) -> Placement:
+        """The context of a cell of a :class:`~ctxaware.niah.needles.Needle`: every needle and distractor
+        sentence at its depth (:meth:`Needle.depths`)."""
+        return self.place_many(needle.inserts, length, needle.depths(depth), reserve=reserve)
+
+    def place_many(self, texts: Any, length: int, depths: Any, *, reserve: int = 200) -> Placement:
+        """The haystack cut to budget with each of ``texts`` at its depth (percent); texts that fall on the
+        same token keep their order. With one text this is the classic single-needle placement."""
+        texts = [t.strip() for t in texts]
+        sizes = [len(self._encode(" " + t)) for t in texts]
+        n_needle = sum(sizes)
         budget = context_budget(length, reserve)
         if budget < n_needle + 1:
-            raise ConfigError(f"length {length} is too small: the needle alone takes {n_needle} tokens "
+            what = "the needle alone takes" if len(texts) == 1 else "the needles and distractors take"
+            raise ConfigError(f"length {length} is too small: {what} {n_needle} tokens "
                               f"(lengths must be at least {2 * (n_needle + 1)})")
         n_hay = budget - n_needle
         ids = self.token_ids(n_hay)[:n_hay]
-        if depth >= 100:
-            pos = n_hay
-        else:
-            pos = int(n_hay * depth / 100)
-            while pos > 0 and not self._period[pos - 1]:
-                pos -= 1
+        positions = [self._position(n_hay, float(d)) for d in depths]
         decode = self.tokenizer.decode
-        before = decode(ids[:pos], clean_up_tokenization_spaces=False).rstrip() if pos else ""
-        after = decode(ids[pos:], clean_up_tokenization_spaces=False).lstrip() if pos < n_hay else ""
-        text = " ".join(p for p in (before, needle, after) if p)
-        return Placement(text=text, haystack_tokens=n_hay, needle_tokens=n_needle, needle_token_index=pos)
+        pieces, prev = [], 0
+        for n, i in enumerate(sorted(range(len(texts)), key=lambda j: (positions[j], j))):
+            if positions[i] > prev:  # a haystack piece: trimmed where a text touches it
+                seg = decode(ids[prev:positions[i]], clean_up_tokenization_spaces=False).rstrip()
+                pieces.append(seg.lstrip() if n else seg)
+            pieces.append(texts[i])
+            prev = positions[i]
+        if prev < n_hay:
+            pieces.append(decode(ids[prev:], clean_up_tokenization_spaces=False).lstrip())
+        text = " ".join(p for p in pieces if p)
+        return Placement(text=text, haystack_tokens=n_hay, needle_tokens=n_needle, needle_token_index=positions[0],
+                         positions=tuple(positions))

@@ -11,6 +11,13 @@ and library versions. Cells are reused across runs whatever the grid, modes or s
 in each cell's key); only a directory of a different *study* (``study`` dict: model, needle,
 haystack content, decoding budget, dtype, ...) is refused, unless ``overwrite`` is set, which
 deletes the cells that conflict — all of them then, since none is of this study.
+
+Shards (``--shard i/n``, or the processes of ``accelerate launch``) append to
+``results.shard-i-of-n.jsonl`` and ``timings.shard-i-of-n.jsonl`` instead, so that shards never
+write the same file (they share the manifest, written atomically with the same study). A run
+without a shard reads every shard file as finished cells, writes them into ``results.jsonl`` in
+grid order (the very lines the shards wrote) and their timings into ``timings.jsonl``, and
+removes the shard files: the result is the ``results.jsonl`` an unsharded run writes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..distributed import shard_files, shard_path
 from ..errors import ConfigError, InputError, InputFileNotFoundError
 from ..fsio import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl, repair_jsonl
 from .scoring import format_table, summarize
@@ -70,9 +78,10 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(p, what="NIH results file") if isinstance(r, dict)]
 
 
-def read_timings(directory: str | Path) -> dict[str, float]:
-    """Seconds per cell key from ``timings.jsonl`` (the last line of a key wins); empty when there is none."""
-    p = Path(directory) / TIMINGS
+def read_timings(directory: str | Path, path: str | Path | None = None) -> dict[str, float]:
+    """Seconds per cell key from ``timings.jsonl`` (or ``path``; the last line of a key wins); empty when there
+    is none."""
+    p = Path(path) if path is not None else Path(directory) / TIMINGS
     if not p.is_file():
         return {}
     out: dict[str, float] = {}
@@ -88,16 +97,40 @@ def with_seconds(records: Iterable[dict[str, Any]], timings: dict[str, float]) -
 
 
 class ResultStore:
-    """The output directory of one study: manifest check, finished cells, appending new ones."""
+    """The output directory of one study: manifest check, finished cells, appending new ones.
+
+    ``shard=(i, n)`` with ``n > 1`` appends to this shard's own files; ``n == 1`` merges any shard files
+    found into ``results.jsonl`` at :meth:`finalize`.
+    """
 
     def __init__(self, out: str | Path, study: dict[str, Any], *, overwrite: bool = False,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         self.dir = Path(out)
         self.study = study
         self.config = config
-        self.path = self.dir / RESULTS
+        self.shard = shard
+        self.merged = self.dir / RESULTS
+        self.path = shard_path(self.merged, *shard)
+        self.timings = shard_path(self.dir / TIMINGS, *shard)
         self.done: dict[str, dict[str, Any]] = {}
+        self.shard_inputs: list[Path] = []  # shard files an unsharded store merges
         self._open(overwrite)
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard[1] > 1
+
+    def _shard_files(self) -> list[Path]:
+        return [p for _, _, p in shard_files(self.merged)] + [p for _, _, p in shard_files(self.dir / TIMINGS)]
+
+    def _discard(self) -> None:
+        """Delete the results of another study: merged files and plots, and this store's (or every) shard file."""
+        for name in (RESULTS, TIMINGS, SUMMARY_JSON, SUMMARY_MD):
+            (self.dir / name).unlink(missing_ok=True)
+        for png in self.dir.glob("*.png"):
+            png.unlink()
+        for p in [self.path, self.timings] if self.sharded else self._shard_files():
+            p.unlink(missing_ok=True)
 
     def _open(self, overwrite: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -116,37 +149,41 @@ class ResultStore:
                     raise ConfigError(f"{self.dir} holds NIH results of a different study (differs in: "
                                       f"{', '.join(diff) or 'manifest unreadable'}); use another --out, or "
                                       "--overwrite to discard them")
-                for name in (RESULTS, TIMINGS, SUMMARY_JSON, SUMMARY_MD):
-                    (self.dir / name).unlink(missing_ok=True)
-                for png in self.dir.glob("*.png"):
-                    png.unlink()
-        elif self.path.is_file() and self.path.stat().st_size and not overwrite:
-            raise ConfigError(f"{self.path} exists without a manifest; use another --out or --overwrite")
+                self._discard()
+        elif self.merged.is_file() and self.merged.stat().st_size and not overwrite:
+            raise ConfigError(f"{self.merged} exists without a manifest; use another --out or --overwrite")
         elif overwrite:
-            self.path.unlink(missing_ok=True)
-            (self.dir / TIMINGS).unlink(missing_ok=True)
+            self._discard()
         _write_json(manifest, {"study": self.study, **({"config": self.config} if self.config else {}),
                                "versions": versions(),
                                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         self._repair()
-        for r in read_records(self.path) if self.path.is_file() else []:
+        for r in read_records(self.merged) if self.merged.is_file() else []:
             if "key" in r:
                 self.done[r["key"]] = r
+        in_merged = set(self.done)
+        extra = [self.path] if self.sharded else [p for _, _, p in shard_files(self.merged)]
+        for src in extra:  # this shard's own file, or (unsharded) every shard file to merge
+            for r in read_records(src) if src.is_file() else []:
+                if "key" in r and r["key"] not in in_merged:
+                    self.done[r["key"]] = r
+        if not self.sharded:
+            self.shard_inputs = extra
 
     def _repair(self) -> None:
         """Cut a torn last line (from a kill mid-write) so appends start on a fresh line."""
         repair_jsonl(self.path)  # no newline, or a complete line that is not JSON (NUL padding)
-        repair_jsonl(self.dir / TIMINGS)
+        repair_jsonl(self.timings)
 
     def append(self, records: Iterable[dict[str, Any]], seconds: dict[str, float] | None = None) -> None:
-        """Append finished cells (and, to ``timings.jsonl``, the seconds they took) durably before returning.
+        """Append finished cells (and, to the timings file, the seconds they took) durably before returning.
 
         Timings go first: a kill between the two appends leaves a timing whose cell is redone (the
         later timing wins), never a finished cell without its time.
         """
         records = list(records)
         if seconds:
-            with JsonlAppender(self.dir / TIMINGS) as app:
+            with JsonlAppender(self.timings) as app:
                 app.write_many({"key": k, "seconds": round(float(v), 3)} for k, v in seconds.items())
         with JsonlAppender(self.path) as app:  # one fsync per batch of cells
             app.write_many(records)
@@ -154,50 +191,76 @@ class ResultStore:
             self.done[r["key"]] = r
 
     def finalize(self, keys: list[str]) -> bool:
-        """Rewrite ``results.jsonl`` (atomically) with the cells of ``keys`` in that order, after any other
-        cells the directory holds (in their file order); returns whether the file changed.
+        """Rewrite this store's results file (atomically) with the cells of ``keys`` in that order, after any
+        other cells it holds (in their file order); returns whether the file changed. An unsharded store
+        first takes in the lines of every shard file, appends the shards' timings to ``timings.jsonl`` and
+        then removes the shard files.
 
         Cells are appended as they finish, and which finish first depends on where earlier runs
         were interrupted; this makes the final file independent of that.
         """
-        if not self.path.is_file():
+        inputs = [self.path] + self.shard_inputs
+        if not any(p.is_file() for p in inputs):
             return False
-        data = self.path.read_bytes()
-        lines = [ln for ln in data.split(b"\n") if ln.strip()]
+        data = self.path.read_bytes() if self.path.is_file() else b""
         wanted = set(keys)
         by_key: dict[str, bytes] = {}
         others: list[bytes] = []
-        for ln in lines:
-            rec = json.loads(ln)
-            key = rec.get("key") if isinstance(rec, dict) else None
-            if key in wanted:
-                by_key[key] = ln
-            else:
-                others.append(ln)
+        seen: set[str] = set()
+        for n, src in enumerate(inputs):
+            raw = data if n == 0 else src.read_bytes()
+            for ln in raw.split(b"\n"):
+                if not ln.strip():
+                    continue
+                try:
+                    rec = json.loads(ln)
+                except json.JSONDecodeError:  # a torn last line of a shard killed mid-write
+                    continue
+                key = rec.get("key") if isinstance(rec, dict) else None
+                if n and key in seen:  # results.jsonl first, then shards in order: the first line of a key wins
+                    continue
+                if key in wanted:
+                    by_key[key] = ln
+                else:
+                    others.append(ln)
+                if isinstance(key, str):
+                    seen.add(key)
         ordered = others + [by_key[k] for k in keys if k in by_key]
         new = b"".join(ln + b"\n" for ln in ordered)
-        if new == data:
-            return False
-        atomic_write_text(self.path, new.decode("utf-8"))
-        return True
+        changed = new != data
+        if changed:
+            atomic_write_text(self.path, new.decode("utf-8"))
+        if self.shard_inputs:
+            times = [r for _, _, p in shard_files(self.timings) for r in read_jsonl(p, what="NIH timings file")]
+            if times:
+                with JsonlAppender(self.timings) as app:
+                    app.write_many(times)
+            for p in self._shard_files():
+                p.unlink(missing_ok=True)
+            self.shard_inputs = []
+        return changed
 
 
 def write_summary(out: str | Path, records: list[dict[str, Any]], modes: list[str] | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Write ``summary.json`` and ``summary.md`` (average recall error per mode); return the summary.
+                  extra: dict[str, Any] | None = None, *, threshold: float = 0.85) -> dict[str, dict[str, Any]]:
+    """Write ``summary.json`` and ``summary.md`` (average recall error, effective length at ``threshold``
+    per mode); return the summary.
 
     Each mode's ``seconds`` sums its cells' wall-clock times from ``out/timings.jsonl``.
     """
     out = Path(out)
     if not records:
         raise InputError(f"no finished NIH cells in {out}")
-    summary = summarize(with_seconds(records, read_timings(out)), modes)
-    _write_json(out / SUMMARY_JSON, {"modes": summary, **(extra or {})})
+    summary = summarize(with_seconds(records, read_timings(out)), modes, threshold=threshold)
+    _write_json(out / SUMMARY_JSON, {"modes": summary, "effective_threshold": threshold, **(extra or {})})
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
     md = [f"# NIH summary: {records[0].get('model', '?')}, needle {records[0].get('needle', '?')}, "
           f"haystack {records[0].get('haystack', '?')}", "",
           f"Lengths (tokens): {', '.join(map(str, lengths))}; depths (%): {', '.join(f'{d:g}' for d in depths)}.",
-          "", format_table(summary, markdown=True), ""]
+          "", format_table(summary, markdown=True), "",
+          f"Effective length: the longest tested length up to which the mean recall over depths is at least "
+          f"{threshold:g} at every tested length; none: already below it at the shortest length ({lengths[0]}).",
+          ""]
     atomic_write_text(out / SUMMARY_MD, "\n".join(md))
     return summary

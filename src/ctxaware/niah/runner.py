@@ -5,6 +5,12 @@ answered by :class:`ctxaware.niah.engine.GreedyEngine`, which prefills each dist
 once (cells in lexicographic order of their token ids, one KV cache cropped to the shared prefix)
 and decodes ``batch_size`` cells together.
 Decoding is greedy whatever the model's generation config says.
+
+Sharding: with ``shard="i/n"`` a run answers only the grid's cells ``i, i + n, i + 2n, ...`` (grid
+order: length, depth, mode) into its own shard files (:class:`~ctxaware.niah.results.ResultStore`)
+and writes no summary or plot; a later run without a shard merges them. Under ``accelerate launch``
+/ ``torchrun`` (``WORLD_SIZE > 1``, no explicit shard) every process takes shard rank/world on its
+own device, and the main process merges after a barrier and writes summary and heatmaps.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +28,8 @@ from .config import NiahConfig, parse_mode
 from .haystack import Haystack, read_haystack
 from .needles import Needle, load_needle
 from .prompts import Prompt, build_prompt
-from .results import ResultStore, cell_key, write_summary
-from .scoring import format_table, recall
+from .results import ResultStore, cell_key, read_timings, with_seconds, write_summary
+from .scoring import format_table, found_keywords, recall, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ class NiahRun:
     summary: dict[str, dict[str, Any]]
     plots: list[Path] = field(default_factory=list)
     new_cells: int = 0
+    shard: tuple[int, int] = (0, 1)  # (i, n) of a shard's run (records then are its own cells)
 
     def table(self) -> str:
         return format_table(self.summary)
@@ -110,6 +118,12 @@ def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, hayst
         rec["prefix"] = cell.prompt.prefix
     if cell.prompt.steer:
         rec["alpha"], rec["heads"] = steer_tag
+    if not needle.single:  # tasks: where each sentence went, what was recalled, and distraction
+        rec["positions"] = list(cell.placement.positions)
+        rec["found"] = found_keywords(answer, needle.keywords)
+        if needle.distractors:
+            values = [v for d in needle.distractors for v in found_keywords(answer, d.values)]
+            rec["distracted"], rec["distractor_values"] = bool(values), values
     return rec
 
 
@@ -132,15 +146,32 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
     """Run (or resume) the study of ``config``; returns all records and the per-mode summary.
 
     ``model``/``tokenizer`` may be given to reuse a loaded model (``model_name`` then names it in
-    the records; default ``config.model``).
+    the records; default ``config.model``). A shard's run returns the records of its own cells.
     """
+    from ..distributed import Launched, parse_shard
+
     cfg = config or NiahConfig()
     needle = load_needle(cfg.needle)
     hay_text = read_haystack(cfg.haystack)
     study = {**cfg.identity_dict(), "needle_definition": needle.to_dict(), "haystack_id": hay_text.id}
     use_steer = any("steer" in parse_mode(m)[1] for m in cfg.modes)
     steer_cfg = steering_config(cfg) if use_steer else None
-    store = ResultStore(cfg.out, study, overwrite=cfg.overwrite, config=cfg.to_dict())
+    shard = parse_shard(cfg.shard)
+    launch = Launched() if cfg.shard is None and shard[1] > 1 else None
+    manifest_config = {k: v for k, v in cfg.to_dict().items() if k != "shard"}
+    if launch is not None:
+        shard = (launch.rank, launch.world)
+        if cfg.device is None and not cfg.device_map:
+            cfg = dataclasses.replace(cfg, device=launch.device)
+
+    def open_store(at: tuple[int, int]) -> ResultStore:
+        return ResultStore(cfg.out, study, overwrite=cfg.overwrite, config=manifest_config, shard=at)
+
+    if launch is not None and not launch.main:
+        launch.barrier()  # the main process checks (or clears) the directory first
+    store = open_store(shard)
+    if launch is not None and launch.main:
+        launch.barrier()
     if model is None or tokenizer is None:
         from ..models import load_model
 
@@ -152,22 +183,35 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
     hay = Haystack(hay_text, tokenizer)
     hay.token_ids(max(lengths))
     cells = plan_cells(cfg, model_name, needle, hay.id, lengths, steer_tag)
-    todo = [c for c in cells if c.key not in store.done]
-    logger.info("%d of %d cells to run in %s", len(todo), len(cells), store.dir)
+    mine = cells[shard[0]::shard[1]]
+    todo = [c for c in mine if c.key not in store.done]
+    logger.info("%d of %d cells to run in %s%s", len(todo), len(mine), store.dir,
+                f" (shard {shard[0]}/{shard[1]} of {len(cells)} cells)" if store.sharded else "")
     placements: dict[tuple[int, float], Any] = {}
     for c in todo:
         if (c.length, c.depth) not in placements:
-            placements[(c.length, c.depth)] = hay.place(needle.needle, c.length, c.depth, reserve=cfg.reserve)
+            placements[(c.length, c.depth)] = hay.place_task(needle, c.length, c.depth, reserve=cfg.reserve)
         c.placement = placements[(c.length, c.depth)]
         c.prompt = build_prompt(tokenizer, c.placement.text, needle, c.mode, system=cfg.system,
                                 system_message=cfg.system_message)
     _generate(cfg, model, tokenizer, todo, steer_cfg,
               lambda cell, answer, secs: store.append([_record(steer_tag, model_name, needle, hay.id, cell, answer)],
                                                       seconds={cell.key: secs}))
-    store.finalize([c.key for c in cells])  # grid order, whatever order the cells finished in
+    store.finalize([c.key for c in mine])  # grid order, whatever order the cells finished in
+    if launch is not None:
+        launch.barrier()  # every shard is written
+        if launch.main:
+            store = open_store((0, 1))  # reads every shard file; finalize merges them
+            store.finalize([c.key for c in cells])
+    if store.sharded:
+        records = [store.done[c.key] for c in mine if c.key in store.done]
+        summary = summarize(with_seconds(records, read_timings(store.dir, store.timings)), cfg.modes,
+                            threshold=cfg.effective_threshold)
+        return NiahRun(out=store.dir, records=records, summary=summary, new_cells=len(todo), shard=shard)
     records = [store.done[c.key] for c in cells if c.key in store.done]
     summary = write_summary(store.dir, records, cfg.modes, extra={"model": model_name, "needle": needle.name,
-                                                                  "haystack": hay.id})
+                                                                  "haystack": hay.id},
+                            threshold=cfg.effective_threshold)
     plots: list[Path] = []
     if plot:
         from ..errors import MissingDependencyError

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..distributed import parse_shard, shard_path  # noqa: F401 (parse_shard re-exported: ctxaware.scoring)
 from ..errors import ConfigError, InputError, InputFileNotFoundError
 from ..fsio import JsonlAppender, read_jsonl
 from .io import read_rows, write_rows
@@ -54,23 +54,6 @@ class ScoreSummary:
         return {"output": str(self.output), "layer": self.layer, "rows": self.rows, "skipped": self.skipped,
                 "turns_scored": self.turns_scored, "turn_reasons": dict(self.turn_reasons),
                 "row_errors": dict(self.row_errors), "complete": self.complete}
-
-
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)``; ``None`` → from ``RANK``/``WORLD_SIZE`` when launched distributed, else ``(0, 1)``."""
-    if spec is None:
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
-    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-        raise ConfigError(f"--shard must be i/n with 0 <= i < n, got {spec!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def shard_path(out: str | Path, index: int, count: int) -> Path:
-    """``data.jsonl`` → ``data.shard-1-of-4.jsonl``."""
-    p = Path(out)
-    return p if count == 1 else p.with_name(f"{p.stem}.shard-{index}-of-{count}{p.suffix}")
 
 
 def _partial_path(out: Path) -> Path:
