@@ -203,8 +203,11 @@ def _convert_gguf(path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s once into %s (about 20 s)", path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    except Exception as exc:  # struct.error, ValueError, KeyError, ... from a corrupt or truncated file
+        raise corrupt_model_error(path, exc) from exc
     _clear_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
@@ -252,9 +255,17 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
         tok = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # a corrupt tokenizer.json (the tokenizers library raises a bare Exception)
+        raise corrupt_model_error(resolved, exc) from exc
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def corrupt_model_error(path: str | os.PathLike, exc: BaseException) -> ModelLoadError:
+    """The one-line error for a model file that cannot be read (corrupt, truncated, not a model)."""
+    return ModelLoadError(f"could not read the model file {str(path)!r}: {_first_line(exc)} "
+                          "(corrupt or truncated? download it again, or pass another --model)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -327,6 +338,8 @@ def load_model(
     except (ValueError, ImportError, KeyError, TypeError) as exc:  # bad attn impl, no model_type, ...
         hint = " (try --attn-implementation sdpa or eager)" if attn_implementation else ""
         raise ModelLoadError(f"could not load model {name_or_path!r}: {_first_line(exc)}{hint}") from exc
+    except Exception as exc:  # a corrupt or truncated weights file: SafetensorError, UnpicklingError, ...
+        raise corrupt_model_error(base, exc) from exc
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
