@@ -224,6 +224,17 @@ def test_conditions_share_a_directory_and_unjudged_turns_rejudge_on_request(tiny
     runs = {r["condition"]: r for r in read_mtbench(out)["runs"]}
     assert set(runs) == {"chat", "chat+ind+steer(alpha=0.5,heads=0)"}
     assert all(r["judged"] == 4 for r in runs.values())
+    # the report: one table for the model, a row per condition, categories side by side
+    from ctxaware.report import build_report, load_results
+
+    (m,) = load_results([out])
+    assert m.model == "tiny" and {r["condition"] for r in m.mtbench} == set(runs)
+    page = build_report([out], tmp_path / "report.html").read_text()
+    table = page.split("<h2>MT-Bench</h2>")[1].split("</table>")[0]
+    assert "<th>writing</th><th>math</th><th>judged</th>" in table
+    for cond, r in runs.items():
+        row = table.split(f"<td>{cond}</td>")[1].split("</tr>")[0]
+        assert f"<td>{r['score']:.2f}</td>" in row and f"<td>{r['categories']['math']:.2f}</td>" in row
 
 
 def test_indicator_is_appended_to_every_user_turn(tiny, data, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 Sections: verdict (one sentence per finding, per model), a table of NIH cells found per mode and
 model, heatmaps per mode side by side, recall vs length, attention by role, QA with standard
-errors, calibration, and provenance (model, versions, configuration, reproducing commands).
+errors, MT-Bench per model and condition, calibration, and provenance (model, versions, configuration, reproducing commands).
 """
 
 from __future__ import annotations
@@ -78,6 +78,18 @@ def qa_table(models: Sequence[ModelResults]) -> str:
     return _table(["model", "variant", "task", "metric", "value", "standard error", "n"], rows, "qa")
 
 
+def mtbench_table(m: ModelResults) -> str:
+    """One row per MT-Bench condition (and judge) of a model: overall, per turn, categories side by side."""
+    cats = list(dict.fromkeys(c for r in m.mtbench for c in r["categories"]))
+
+    def f(v: Any) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    rows = [[r["condition"], r["judge"], f(r["score"]), f(r["turns"]["1"]), f(r["turns"]["2"])]
+            + [f(r["categories"].get(c)) for c in cats] + [r["judged"], r["unjudged"]] for r in m.mtbench]
+    return _table(["condition", "judge", "score", "turn 1", "turn 2", *cats, "judged", "unjudged"], rows, "mtbench")
+
+
 def _provenance(m: ModelResults) -> str:
     parts = [f"<h3>{escape(m.model)}</h3>"]
     if m.versions:
@@ -127,6 +139,12 @@ def render_page(models: Sequence[ModelResults], generated: str) -> str:
                      _img(charts.attention_roles(a, m.model), f"attention by role of {m.model}")]
     if any(m.qa for m in models):
         body += ["<h2>Contextual QA</h2>", qa_table(models)]
+    if any(m.mtbench for m in models):
+        body.append("<h2>MT-Bench</h2><p>General ability next to context use: MT-Bench single-answer grading "
+                    "(1–10) by the judge of each row, the mean over judged turns. A turn left without a rating "
+                    "after the retries is counted as unjudged, never as 0. Scores by different judges are not "
+                    "comparable (only a GPT-4 judge gives numbers comparable to the paper's).</p>")
+        body += [f"<h3>{escape(m.model)}</h3>" + mtbench_table(m) for m in models if m.mtbench]
     cal = [m for m in models if m.calibration]
     for m in cal:
         c = m.calibration

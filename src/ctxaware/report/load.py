@@ -7,7 +7,9 @@
 - NIH: ``results.jsonl`` + ``manifest.json`` (``ctxaware niah``);
 - attention: ``attention.json`` (a study's) or a JSON file of ``ctxaware attention --json``;
 - eval: ``results.json`` of ``ctxaware eval`` (lm-eval's layout);
-- calibration: ``steering.yaml`` (+ ``search.json``) of ``ctxaware calibrate``.
+- calibration: ``steering.yaml`` (+ ``search.json``) of ``ctxaware calibrate``;
+- MT-Bench: ``answers.jsonl`` + ``summary.json`` of ``ctxaware mtbench`` (a study's ``mtbench/``), one
+  summary per condition and judge.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ModelResults:
     attention: dict[str, Any] | None = None
     qa: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> {task: row}
     calibration: dict[str, Any] | None = None
+    mtbench: list[dict[str, Any]] = field(default_factory=list)  # one summary per (condition, judge)
     study: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     commands: dict[str, str] = field(default_factory=dict)
@@ -124,6 +127,16 @@ class _Collector:
         m.calibration = {"steering": config.to_dict(), "meta": meta, "rows": search.get("rows", [])}
         m.sources.append(str(d))
 
+    def mtbench(self, d: Path) -> None:
+        from ..mtbench import read_mtbench
+
+        for run in read_mtbench(d)["runs"]:
+            m = self.get(run["model"])
+            m.mtbench = [r for r in m.mtbench if (r["condition"], r["judge"]) != (run["condition"], run["judge"])]
+            m.mtbench.append({**run, "dir": str(d)})
+            if str(d) not in m.sources:
+                m.sources.append(str(d))
+
     def study(self, d: Path) -> None:
         data = _json(d / "study.json")
         model = data.get("model") or "?"
@@ -136,6 +149,8 @@ class _Collector:
             self.attention(d / "attention" / "attention.json", model)
         for p in sorted((d / "qa").glob("*/results.json")):
             self.qa(p, model)
+        if (d / "mtbench" / "answers.jsonl").is_file():
+            self.mtbench(d / "mtbench")
 
     def directory(self, d: Path, top: bool = True) -> bool:
         if (d / "study.json").is_file():
@@ -154,6 +169,9 @@ class _Collector:
         if (d / "steering.yaml").is_file():
             self.calibration(d)
             found = True
+        if (d / "answers.jsonl").is_file() and (d / "summary.json").is_file():
+            self.mtbench(d)
+            found = True
         if not found and top:
             for sub in sorted(p for p in d.iterdir() if p.is_dir()):
                 found = self.directory(sub, top=False) or found
@@ -168,9 +186,9 @@ def load_results(dirs: Iterable[str | Path]) -> list[ModelResults]:
             c.attention(d)
             continue
         if not d.is_dir():
-            raise InputFileNotFoundError(f"no result directory {d}; give study, niah, attention, eval or "
-                                         "calibration output directories")
+            raise InputFileNotFoundError(f"no result directory {d}; give study, niah, attention, eval, "
+                                         "calibration or mtbench output directories")
         if not c.directory(d):
             raise InputError(f"{d}: no results found (expected study.json, results.jsonl, attention.json, "
-                             "results.json or steering.yaml)")
+                             "results.json, steering.yaml or answers.jsonl + summary.json)")
     return list(c.models.values())
