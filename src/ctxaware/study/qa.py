@@ -2,9 +2,10 @@
 
 Variants, per dataset: ``chat`` (``ctxaware_<set>_no_ind``, the chat template), ``raw``
 (``ctxaware_<set>_no_template``) and, when the study steers, ``chat+steer`` (the chat task
-with the study's steering). Each variant writes ``DIR/qa/<variant>/results.json`` (metric, its
-standard error and the sample count per task, plus lm-eval's own ``results``/``n-samples``
-blocks) atomically; a rerun skips the variants already done with the same settings.
+with the study's steering); ``chat+ind`` (``ctxaware_<set>_ind``) on request. Each variant writes
+``DIR/qa/<variant>/results.json`` (metric, its standard error and the sample count per task, plus
+lm-eval's own ``results``/``n-samples`` blocks) atomically; a rerun skips the variants already done
+with the same settings.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from .attention import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-VARIANT_TASK = {"chat": "ctxaware_{}_no_ind", "raw": "ctxaware_{}_no_template", "chat+steer": "ctxaware_{}_no_ind"}
+VARIANT_TASK = {"chat": "ctxaware_{}_no_ind", "raw": "ctxaware_{}_no_template", "chat+steer": "ctxaware_{}_no_ind",
+                "chat+ind": "ctxaware_{}_ind"}
 
 
 def _slug(variant: str) -> str:
@@ -46,8 +48,13 @@ def qa_tables(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def run_qa(model: Any, tokenizer: Any, model_name: str, datasets: Sequence[str], out: Path, *, limit: int,
-           data_dir: str | None, steering: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate every variant not yet in ``out``; returns ``{variant: results.json content}``."""
+           data_dir: str | None, steering: Any = None, progress: bool = True,
+           variants: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate every variant not yet in ``out``; returns ``{variant: results.json content}``.
+
+    ``variants`` (default: ``chat``, ``raw`` and, when steering is given, ``chat+steer``) may also name
+    ``chat+ind``: the chat task with ``[IND]`` appended to each question (conditional fine-tuning).
+    """
     from ..errors import require
 
     lm_eval = require("lm_eval", "study --qa")
@@ -58,7 +65,8 @@ def run_qa(model: Any, tokenizer: Any, model_name: str, datasets: Sequence[str],
     if not progress:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     data = resolve_data_dir(data_dir)
-    variants = ["chat", "raw"] + (["chat+steer"] if steering is not None else [])
+    if variants is None:
+        variants = ["chat", "raw"] + (["chat+steer"] if steering is not None else [])
     done: dict[str, Any] = {}
     tm = None
     for variant in variants:

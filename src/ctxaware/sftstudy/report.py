@@ -1,0 +1,220 @@
+"""The sft-study page: the paper's Table 3 (arm × NIH / SQuAD / QuAC / DROP / MT-Bench), verdicts, heatmaps.
+
+Every number comes from the arms' result files, read through :func:`ctxaware.report.load_results`
+(NIH records, QA tables) and ``mtbench/judgments.jsonl`` (when MT-Bench ran): an NIH cell
+is its recall, an arm's NIH score is the mean over its cells with the standard error of that mean;
+QA values and standard errors are lm-eval's. Table cells carry ``data-row``/``data-col``/
+``data-value`` attributes so that the page can be checked against the files. One verdict sentence
+per comparison (conditional with ``[IND]`` vs vanilla, and the conditional arm with vs without
+``[IND]``) is computed from those numbers: a difference beyond two standard errors of the
+difference is called better or worse, a smaller one no clear difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from ..fsio import atomic_write_text
+from ..niah.config import canonical_mode
+from ..report import charts
+from ..report.html import CSS, _img, _table
+from ..report.verdict import Finding, cells_by_mode
+
+#: Table 3 rows: (row name, arm, NIH/QA with [IND])
+ROWS = (("vanilla", "vanilla", False), ("conditional + [IND]", "conditional", True),
+        ("conditional, no [IND] (ablation)", "conditional", False))
+QA_NAMES = {"squad": "SQuAD", "quac": "QuAC", "drop": "DROP"}
+
+
+def mean_se(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean, standard error of the mean (sample standard deviation / √n) and n."""
+    n = len(values)
+    if not n:
+        return None, None, 0
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n), n
+
+
+def _mtbench(arm_dir: Path, arm: str) -> dict[str, Any]:
+    """MT-Bench score of an arm: mean ± standard error over its judged turns (``judgments.jsonl``)."""
+    from ..fsio import read_jsonl
+
+    path = arm_dir / "mtbench" / "judgments.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    scores = [float(j["score"]) for j in rows if j.get("model") == arm and j.get("score") is not None]
+    v, se, n = mean_se(scores)
+    return {"value": v, "se": se, "n": n}
+
+
+def table(out: str | Path) -> dict[str, Any]:
+    """The numbers of Table 3: ``{"columns": [...], "rows": {row: {column: {"value", "se", "n"}}}}``."""
+    from ..report.load import load_results
+
+    out = Path(out)
+    state = json.loads((out / "sft_study.json").read_text(encoding="utf-8"))
+    modes = state["config"]["modes"]
+    results = {m.model: m for m in load_results([out / arm for arm in ("vanilla", "conditional")])}
+    columns, rows = [], {name: {} for name, _, _ in ROWS}
+    for mode in modes:
+        col = f"NIH {mode}"
+        columns.append(col)
+        for name, arm, ind in ROWS:
+            m = results.get(arm)
+            cells = cells_by_mode(m.niah).get(canonical_mode(mode + "+ind") if ind else mode, {}) if m else {}
+            v, se, n = mean_se(list(cells.values()))
+            rows[name][col] = {"value": v, "se": se, "n": n}
+    for ds in state["config"].get("qa") or []:
+        col = QA_NAMES.get(ds, ds)
+        columns.append(col)
+        for name, arm, ind in ROWS:
+            m = results.get(arm)
+            tables = (m.qa.get("chat+ind" if ind else "chat") or {}) if m else {}
+            row = next((r for task, r in tables.items() if task.replace("ctxaware_", "").split("_")[0] == ds), None)
+            rows[name][col] = ({"value": row["value"], "se": row.get("stderr"), "n": row.get("n")} if row
+                               else {"value": None, "se": None, "n": 0})
+    if state["config"].get("mtbench_judge_url"):
+        columns.append("MT-Bench")
+        for name, arm, ind in ROWS:  # asked without [IND]: one run per arm, shown on its main row
+            ablation = arm == "conditional" and not ind
+            rows[name]["MT-Bench"] = {"value": None, "se": None, "n": 0} if ablation else _mtbench(out / arm, arm)
+    return {"columns": columns, "rows": rows, "state": state, "results": results}
+
+
+def _fmt(cell: dict[str, Any]) -> str:
+    if cell.get("value") is None:
+        return "–"
+    se = f" ± {cell['se']:.3f}" if cell.get("se") is not None else ""
+    return f"{cell['value']:.3f}{se}"
+
+
+def compare(col: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, Any]) -> Finding | None:
+    """One verdict sentence: ``a`` against ``b`` on column ``col``."""
+    if a.get("value") is None or b.get("value") is None:
+        return None
+    d = a["value"] - b["value"]
+    se = math.sqrt((a.get("se") or 0.0) ** 2 + (b.get("se") or 0.0) ** 2)
+    if se > 0 and abs(d) > 2 * se:
+        verdict = f"{a_name} is {'better' if d > 0 else 'worse'} (beyond two standard errors, {2 * se:.3f})"
+    elif d == 0:
+        verdict = "no difference"
+    else:
+        verdict = f"no clear difference (within two standard errors, {2 * se:.3f})"
+    text = (f"{col}: {a_name} {_fmt(a)} vs {b_name} {_fmt(b)} (n = {a.get('n')} / {b.get('n')}), "
+            f"difference {d:+.3f}: {verdict}.")
+    return Finding("sft", text, {"column": col, "a": a_name, "b": b_name, "difference": d, "se": se})
+
+
+def verdicts(tab: dict[str, Any]) -> list[Finding]:
+    """Conditional + [IND] vs vanilla, then conditional with vs without [IND], per column."""
+    rows = tab["rows"]
+    out = []
+    for (a, b) in ((ROWS[1][0], ROWS[0][0]), (ROWS[1][0], ROWS[2][0])):
+        for col in tab["columns"]:
+            f = compare(col, a, rows[a][col], b, rows[b][col])
+            if f:
+                out.append(f)
+    return out
+
+
+def _table3(tab: dict[str, Any]) -> str:
+    head = "".join(f"<th>{escape(c)}</th>" for c in ["arm"] + tab["columns"])
+    body = []
+    for name, _, _ in ROWS:
+        cells = []
+        for col in tab["columns"]:
+            c = tab["rows"][name][col]
+            attrs = (f' data-row="{escape(name)}" data-col="{escape(col)}" data-value="{c["value"]!r}" '
+                     f'data-se="{c["se"]!r}" data-n="{c["n"]!r}"') if c.get("value") is not None else ""
+            cells.append(f'<td class="num"{attrs}>{escape(_fmt(c))}</td>')
+        body.append(f"<tr><td>{escape(name)}</td>{''.join(cells)}</tr>")
+    return f'<table class="table3"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _heatmaps(tab: dict[str, Any]) -> list[str]:
+    results, modes = tab["results"], tab["state"]["config"]["modes"]
+    parts = []
+    for mode in modes:
+        records, panels = [], []
+        for name, arm, ind in ROWS:
+            m = results.get(arm)
+            want = canonical_mode(mode + "+ind") if ind else mode
+            rows = [dict(r, mode=f"{name}: {want}") for r in (m.niah if m else []) if r["mode"] == want]
+            if rows:
+                records += rows
+                panels.append(f"{name}: {want}")
+        if panels:
+            parts.append(_img(charts.heatmaps(records, panels, f"NIH recall, {mode}"), f"NIH heatmaps, {mode}"))
+    return parts
+
+
+def _attention(tab: dict[str, Any]) -> list[str]:
+    parts, rows = [], []
+    for arm in ("vanilla", "conditional"):
+        m = tab["results"].get(arm)
+        if not (m and m.attention):
+            continue
+        conds = m.attention["conditions"]
+        rows.append([arm] + [f"{100 * conds[c]['mean_shares'].get('user', 0):.1f} %" for c in ("template", "no_template")
+                             if c in conds])
+        parts.append(_img(charts.attention_roles(m.attention, arm), f"attention by role of {arm}"))
+    if rows:
+        parts.insert(0, _table(["arm", "user share, template", "user share, no template"], rows))
+    return parts
+
+
+def _settings(state: dict[str, Any]) -> str:
+    s = state.get("settings") or {}
+    equal = {k: v for k, v in (s.get("equal") or {}).items() if k not in ("progress",)}
+    rows = [(k, json.dumps(v, default=str)) for k, v in equal.items()]
+    diff = [(k, json.dumps(v.get("vanilla"), default=str), json.dumps(v.get("conditional"), default=str))
+            for k, v in (s.get("differ") or {}).items()]
+    data = [(k, v.get("vanilla"), v.get("conditional")) for k, v in (s.get("data") or {}).items()]
+    return ("<p>Equal in both arms:</p>" + _table(["setting", "value"], rows)
+            + "<p>Different by design:</p>" + _table(["setting", "vanilla", "conditional"], diff)
+            + ("<p>What each arm trained on:</p>" + _table(["count", "vanilla", "conditional"], data) if data else ""))
+
+
+def render(out: str | Path) -> str:
+    """The HTML page of the sft-study in ``out``."""
+    tab = table(out)
+    state = tab["state"]
+    lab = state["stages"].get("label", {})
+    train = state["stages"].get("train", {})
+    body = [f"<h1>Vanilla vs conditional fine-tuning: {escape(str(state['config']['model']))}</h1>",
+            f"<p class=\"muted\">Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} by ctxaware "
+            f"sft-study from {escape(str(state['config']['dataset']))}. Values are means ± standard errors.</p>",
+            "<h2>Labelling</h2>",
+            f"<p>Probe {escape(str(state['stages'].get('score', {}).get('probe')))}: "
+            f"{lab.get('labelled_turns')} of {lab.get('scored_turns')} scored turns labelled with [IND] "
+            f"(fraction {lab.get('fraction_labelled', 0):.3f}, rule {escape(str(lab.get('rule')))}, lowest labelled "
+            f"score {lab.get('threshold')!s}).</p>",
+            "<h2>Table 3</h2>", _table3(tab),
+            "<p class=\"muted\">NIH: mean recall over the grid's cells. QA: contains-match accuracy (lm-eval). "
+            "The conditional arm's NIH and QA questions carry [IND] in the second row and not in the third; "
+            "MT-Bench questions are asked without it.</p>",
+            "<h2>Verdict</h2><ul class=\"verdict\">"
+            + "".join(f"<li data-kind=\"{f.kind}\">{escape(f.text)}</li>" for f in verdicts(tab)) + "</ul>",
+            "<h2>Heatmaps</h2>", *_heatmaps(tab), "<h2>Attention on the user turn</h2>", *_attention(tab),
+            "<h2>Training</h2>",
+            _table(["arm", "steps", "train loss", "seconds", "[IND] token"],
+                   [[arm, train.get(arm, {}).get("steps"), f"{train.get(arm, {}).get('train_loss') or float('nan'):.4f}",
+                     train.get(arm, {}).get("seconds"), train.get(arm, {}).get("indicator_id")] for arm in train]),
+            "<h2>Settings that make the arms equal</h2>", _settings(state),
+            "<h2>Provenance</h2>", _table(["package", "version"], sorted((state.get("versions") or {}).items())),
+            "<p>Seconds per stage: " + escape(", ".join(f"{k} {v:g}" for k, v in state.get("seconds", {}).items()))
+            + "</p><pre>" + escape(json.dumps(state["config"], indent=1, default=str)) + "</pre>"]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ctxaware sft-study</title>"
+            f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+
+def write_report(out: str | Path) -> Path:
+    """Write ``out/report.html`` atomically and return its path."""
+    return atomic_write_text(Path(out) / "report.html", render(out))
