@@ -14,7 +14,7 @@ from __future__ import annotations
 from .config import MtBenchConfig, condition_name
 from .data import Question, load_data
 from .judge import JudgeClient, JudgeError, parse_rating
-from .runner import MtBenchRun, format_summary, read_mtbench, run_mtbench, summarize
+from .runner import MtBenchRun, check_judge, format_summary, read_mtbench, run_mtbench, summarize
 
-__all__ = ["JudgeClient", "JudgeError", "MtBenchConfig", "MtBenchRun", "Question", "condition_name", "format_summary",
-           "load_data", "parse_rating", "read_mtbench", "run_mtbench", "summarize"]
+__all__ = ["JudgeClient", "JudgeError", "MtBenchConfig", "MtBenchRun", "Question", "check_judge", "condition_name",
+           "format_summary", "load_data", "parse_rating", "read_mtbench", "run_mtbench", "summarize"]

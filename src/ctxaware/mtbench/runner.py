@@ -220,6 +220,20 @@ def _judge(cfg: MtBenchConfig, client: JudgeClient, tasks: list[tuple[Question, 
     return records
 
 
+def judge_client(cfg: MtBenchConfig) -> JudgeClient:
+    """The judge client of ``cfg`` (API key from ``$judge_api_key_env``, when set)."""
+    cfg.require_judge()
+    return JudgeClient(cfg.judge_base_url, cfg.judge_model, api_key=os.environ.get(cfg.judge_api_key_env) or None,  # type: ignore[arg-type]
+                       retries=cfg.judge_retries, timeout=cfg.judge_timeout, backoff=cfg.judge_backoff,
+                       max_tokens=cfg.judge_max_tokens or None, concurrency=cfg.judge_concurrency)
+
+
+def check_judge(cfg: MtBenchConfig) -> str:
+    """Fail now when the judge of ``cfg`` is unreachable or refuses the key; returns the judge model."""
+    with judge_client(cfg) as client:
+        return client.check()
+
+
 def run_mtbench(config: MtBenchConfig | None = None, *, model: Any = None, tokenizer: Any = None,
                 model_name: str | None = None) -> MtBenchRun:
     """Run (or resume) MT-Bench for ``config``; ``model``/``tokenizer`` reuse a loaded model (then
@@ -236,10 +250,7 @@ def run_mtbench(config: MtBenchConfig | None = None, *, model: Any = None, token
     cname = condition_name(cond)
     name = _model_name(cfg, model, model_name)
     seconds: dict[str, float] = {}
-    api_key = os.environ.get(cfg.judge_api_key_env) or None
-    with JudgeClient(cfg.judge_base_url, cfg.judge_model, api_key=api_key, retries=cfg.judge_retries,  # type: ignore[arg-type]
-                     timeout=cfg.judge_timeout, backoff=cfg.judge_backoff, max_tokens=cfg.judge_max_tokens or None,
-                     concurrency=cfg.judge_concurrency) as client:
+    with judge_client(cfg) as client:
         judge_model = client.check()  # before loading or generating anything
         existing = {answer_key(a): a for a in _read(out / ANSWERS)}
         _check_answers(existing, questions, cfg, name, cname, out)
@@ -298,5 +309,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ANSWERS", "JUDGMENTS", "SUMMARY", "MtBenchRun", "format_summary", "read_mtbench", "run_mtbench",
-           "summarize"]
+__all__ = ["ANSWERS", "JUDGMENTS", "SUMMARY", "MtBenchRun", "check_judge", "format_summary", "judge_client",
+           "read_mtbench", "run_mtbench", "summarize"]
