@@ -68,8 +68,8 @@ class CalibrationConfig(ConfigMixin):
                                "backwards), 'builtin', or a .txt file / directory of .txt files; keep it "
                                "disjoint from the text you judge on")
     needle: str = field("pizza", metavar="NEEDLE",
-                        help="held-in needle (SF, pizza, ... or a YAML/JSON needle file); keep it different "
-                             "from the needle you judge on")
+                        help="held-in needle or task (SF, pizza, multi-key, ... or a YAML/JSON needle file: head "
+                             "scores cover every needle of a task); keep it different from the needle you judge on")
     lengths: Any = field("3000", metavar="L1,L2,...",
                          help="held-in context lengths in tokens (long enough that the unsteered chat model loses "
                               "cells: the search warns when it loses none)")

@@ -21,8 +21,11 @@ from ..measure import observe_mass
 from .config import parse_head_set
 
 
-def needle_positions(rendered: RenderedChat, needle_text: str) -> list[int]:
-    """Token positions of ``needle_text`` inside the (single) user span of a rendered NIH prompt."""
+def needle_positions(rendered: RenderedChat, needle_text: str | Sequence[str]) -> list[int]:
+    """Token positions of ``needle_text`` inside the (single) user span of a rendered NIH prompt; for a
+    sequence of texts (the needles of a multi-needle task) the union of their positions, ascending."""
+    if not isinstance(needle_text, str):
+        return sorted({p for text in needle_text for p in needle_positions(rendered, text)})
     needle_text = needle_text.strip()
     users = [s for s in rendered.spans if s.role == "user"]
     for span in users:
@@ -38,11 +41,12 @@ def needle_positions(rendered: RenderedChat, needle_text: str) -> list[int]:
                      "(was it placed in this context?)")
 
 
-def retrieval_scores(model: Any, prompts: Sequence[tuple[RenderedChat, str]], *, progress: bool = False
-                     ) -> torch.Tensor:
+def retrieval_scores(model: Any, prompts: Sequence[tuple[RenderedChat, str | Sequence[str]]], *,
+                     progress: bool = False) -> torch.Tensor:
     """``(layers, heads)`` float64: attention of the last prompt token on the needle, averaged over prompts.
 
-    ``prompts``: ``(rendered prompt, needle text)`` pairs. One forward pass per prompt.
+    ``prompts``: ``(rendered prompt, needle text or texts)`` pairs (every needle of a multi-needle task
+    counts, its distractors do not). One forward pass per prompt.
     """
     from tqdm.auto import tqdm
 

@@ -102,15 +102,19 @@ def held_in_haystack(source: str) -> HaystackText:
 
 
 def held_in_cells(cfg: CalibrationConfig, tokenizer: Any) -> tuple[list[dict[str, Any]], str, Any]:
-    """The held-in cells: ``[{"length", "depth", "prompt", "messages"}]``, the haystack id and the needle."""
+    """The held-in cells: ``[{"length", "depth", "prompt", "messages"}]``, the haystack id and the needle.
+
+    A multi-needle task places all its sentences (:meth:`~ctxaware.niah.haystack.Haystack.place_task`); the
+    answer whose loss is scored is its needles in order (not its distractors)."""
     needle = load_needle(cfg.needle)
     hay = Haystack(held_in_haystack(cfg.haystack), tokenizer)
     cells = []
     for length in sorted(set(cfg.lengths)):
         for depth in sorted(set(cfg.depths)):
-            placement = hay.place(needle.needle, length, depth, reserve=cfg.reserve)
+            placement = hay.place_task(needle, length, depth, reserve=cfg.reserve)
             prompt = build_prompt(tokenizer, placement.text, needle, "chat")
-            answer = build_messages(placement.text, needle, "chat") + [{"role": "assistant", "content": needle.needle}]
+            answer = build_messages(placement.text, needle, "chat") + [{"role": "assistant",
+                                                                          "content": " ".join(needle.texts)}]
             cells.append({"length": length, "depth": depth, "prompt": prompt.rendered, "messages": answer})
     return cells, hay.id, needle
 
@@ -242,11 +246,12 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     model_key = {"model": model_name, "spec": cfg.model, "dtype": str(getattr(model, "dtype", cfg.dtype)),
                  "dims": [n_layers, n_heads]}
     cells_key = {**model_key, "cells": digest([[c["length"], c["depth"], c["prompt"].input_ids, c["messages"]]
-                                               for c in cells]), "needle": needle.needle}
+                                               for c in cells]),
+                 "needle": needle.needle if needle.single else needle.to_dict()}
     t0 = time.perf_counter()
     cached_scores = cache.get("head_scores", cells_key)
     if cached_scores is None:
-        scores = retrieval_scores(model, [(c["prompt"], needle.needle) for c in cells], progress=cfg.progress)
+        scores = retrieval_scores(model, [(c["prompt"], needle.texts) for c in cells], progress=cfg.progress)
         cache.put("head_scores", cells_key, [[float(v) for v in row] for row in scores])
     else:
         scores = torch.tensor(cached_scores, dtype=torch.float64)

@@ -28,10 +28,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(StudyConfig, args)
     result = run_study(config)
-    recs = result.niah.records
-    print(f"study: {recs[0]['model']} · needle {recs[0]['needle']} · haystack {recs[0]['haystack']} "
-          f"· {len(recs)} NIH cells ({result.niah.new_cells} new)")
-    print(format_table(result.niah.summary))
+    for run in result.tasks.values() or [result.niah]:
+        recs = run.records
+        if not recs:
+            continue
+        shard = f" · shard {run.shard[0]}/{run.shard[1]}" if run.shard[1] > 1 else ""
+        print(f"study: {recs[0]['model']} · needle {recs[0]['needle']} · haystack {recs[0]['haystack']} "
+              f"· {len(recs)} NIH cells ({run.new_cells} new){shard}")
+        print(format_table(run.summary))
+    if result.attention is None:
+        print("NIH shard done; rerun the same command without --shard to merge the shards and run the other parts"
+              if config.shard else "this process's NIH shard is done; the main process merges and goes on")
+        return 0
     rh = result.attention["retrieval_head"]
     for cond, data in result.attention["conditions"].items():
         shares = ", ".join(f"{k} {v:.2f}" for k, v in data["mean_shares"].items())
@@ -41,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         for task, row in data["tables"].items():
             se = f" ± {row['stderr']:.3f}" if row.get("stderr") is not None else ""
             print(f"QA {variant:<10} {task:<28} {row['metric']} {row['value']:.3f}{se} (n={row['n']})")
+    if result.mtbench:
+        from ..mtbench import format_summary
+
+        for summary in result.mtbench.values():
+            print(format_summary(summary))
     if result.report:
         print(f"report: {result.report}")
     print(f"results in {result.out}/")

@@ -32,8 +32,10 @@ def heatmaps(records: Sequence[dict[str, Any]], modes: Sequence[str], title: str
     return to_uri(comparison_figure(records, modes, title))
 
 
-def recall_vs_length(series: dict[str, Sequence[dict[str, Any]]], modes: Sequence[str]) -> str:
-    """Mean recall per context length, one line per mode; one panel per model in ``series``."""
+def recall_vs_length(series: dict[str, Sequence[dict[str, Any]]], modes: Sequence[str], *,
+                     threshold: float | None = None) -> str:
+    """Mean recall per context length, one line per mode; one panel per model (or model and task) in
+    ``series``; with ``threshold``, its horizontal line (the effective length's criterion)."""
     require("matplotlib", "report")
     from matplotlib.figure import Figure
 
@@ -55,6 +57,9 @@ def recall_vs_length(series: dict[str, Sequence[dict[str, Any]]], modes: Sequenc
             shift = (i - (len(modes) - 1) / 2) * 0.04 * gap
             marker, dash = styles[i % len(styles)]
             ax.plot([L + shift for L in lengths], means, marker=marker, linestyle=dash, alpha=0.85, label=mode)
+        if threshold is not None:
+            ax.axhline(threshold, color="#555555", linestyle=(0, (4, 3)), linewidth=1.0,
+                       label=f"threshold {threshold:g}")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("context length (tokens)")
         ax.set_title(model, fontsize=9)

@@ -11,9 +11,9 @@ import json
 from html import escape
 from typing import Any, Sequence
 
-from . import charts
+from . import charts, niah
 from .load import ModelResults
-from .verdict import Finding, attention_findings, lost, niah_findings, qa_findings, cells_by_mode
+from .verdict import Finding, attention_findings, qa_findings
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
@@ -43,7 +43,7 @@ def _img(uri: str, alt: str) -> str:
 
 def findings(m: ModelResults) -> list[Finding]:
     """Every verdict sentence of one model."""
-    out = niah_findings(m.niah) if m.niah else []
+    out = niah.task_findings(m.niah) if m.niah else []
     if m.attention:
         out += attention_findings(m.attention)
     if m.qa:
@@ -52,19 +52,8 @@ def findings(m: ModelResults) -> list[Finding]:
 
 
 def niah_table(models: Sequence[ModelResults]) -> str:
-    """Cells found / cells and mean recall, per mode (rows) and model (columns)."""
-    modes = list(dict.fromkeys(mode for m in models for mode in m.modes))
-    rows = []
-    for mode in modes:
-        row: list[Any] = [mode]
-        for m in models:
-            cells = cells_by_mode(m.niah).get(mode)
-            if not cells:
-                row += ["–", "–"]
-                continue
-            row += [f"{len(cells) - len(lost(cells))}/{len(cells)}", f"{sum(cells.values()) / len(cells):.3f}"]
-        rows.append(row)
-    head = ["mode"] + [h for m in models for h in (f"{m.model}: needle found", "mean recall")]
+    """Cells found / cells and mean recall, per (task and) mode (rows) and model (columns)."""
+    head, rows = niah.found_rows(models)
     return _table(head, rows, "niah")
 
 
@@ -119,12 +108,23 @@ def render_page(models: Sequence[ModelResults], generated: str) -> str:
     with_niah = [m for m in models if m.niah]
     if with_niah:
         body += ["<h2>Needle in a haystack</h2>", niah_table(with_niah), "<h3>Heatmaps per mode</h3>"]
+        series = {}
         for m in with_niah:
-            title = f"{m.model} · needle {m.niah[0].get('needle', '')} · haystack {m.niah[0].get('haystack', '')}"
-            body.append(_img(charts.heatmaps(m.niah, m.modes, title), f"NIH heatmaps of {m.model}"))
+            tasks = niah.by_task(m.niah)
+            for task, recs in tasks.items():
+                title = f"{m.model} · needle {task} · haystack {recs[0].get('haystack', '')}"
+                modes = list(dict.fromkeys(r["mode"] for r in recs))
+                alt = f"NIH heatmaps of {m.model}" + (f", task {task}" if len(tasks) > 1 else "")
+                body.append(_img(charts.heatmaps(recs, modes, title), alt))
+                series[m.model if len(tasks) == 1 else f"{m.model} · {task}"] = recs
         modes = list(dict.fromkeys(mode for m in with_niah for mode in m.modes))
-        body += ["<h3>Recall vs context length</h3>",
-                 _img(charts.recall_vs_length({m.model: m.niah for m in with_niah}, modes), "recall vs length")]
+        thresholds = {niah.threshold(m.niah_config) for m in with_niah}
+        line = thresholds.pop() if len(thresholds) == 1 else niah.DEFAULT_THRESHOLD
+        head, rows = niah.effective_rows(with_niah)
+        body += ["<h3>Effective length</h3><p>The longest tested length up to which the mean recall over depths "
+                 "reaches the threshold at every tested length (none: already below it at the shortest).</p>",
+                 _table(head, rows, "effective"), "<h3>Recall vs context length</h3>",
+                 _img(charts.recall_vs_length(series, modes, threshold=line), "recall vs length")]
     with_att = [m for m in models if m.attention]
     if with_att:
         body.append("<h2>Attention by role</h2><p>Share of the answer-predicting query's attention (the last "

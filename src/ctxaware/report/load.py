@@ -3,7 +3,7 @@
 ``load_results(dirs)`` looks at each directory and its immediate sub-directories and returns one
 :class:`ModelResults` per model, in the order first seen, gathering every kind of result found:
 
-- study: ``study.json`` (+ ``niah/``, ``attention/attention.json``, ``qa/*/results.json``);
+- study: ``study.json`` (+ ``niah/`` or ``niah-<task>/``, ``attention/attention.json``, ``qa/*/results.json``);
 - NIH: ``results.jsonl`` + ``manifest.json`` (``ctxaware niah``);
 - attention: ``attention.json`` (a study's) or a JSON file of ``ctxaware attention --json``;
 - eval: ``results.json`` of ``ctxaware eval`` (lm-eval's layout);
@@ -142,6 +142,8 @@ class _Collector:
         model = data.get("model") or "?"
         if (d / "niah" / "results.jsonl").is_file():
             model = self.niah(d / "niah")
+        for task_dir in sorted(p.parent for p in d.glob("niah-*/results.jsonl")):  # study --task: one per task
+            model = self.niah(task_dir)
         m = self.get(model)
         m.study, m.commands = data, data.get("commands", {})
         m.versions = data.get("versions") or m.versions

@@ -4,8 +4,9 @@ The paper's Fig. 3: for the query that predicts the first answer token (the last
 response prefix), the share of its attention on the first token (BOS / attention sink), the system
 message, the user turn, the template tokens and the assistant's prefix — per layer (averaged over
 heads and prompts) and on the *retrieval head*, the head with the highest attention mass on the
-needle's tokens under the template. Masses come from :func:`ctxaware.measure.observe_mass` (one
-value channel per key set, no ``T × T`` matrix). The result is one JSON file, written atomically;
+needle's tokens (every needle of a multi-needle task; not its distractors) under the template.
+Masses come from :func:`ctxaware.measure.observe_mass` (one value channel per key set, no ``T × T``
+matrix). The result is one JSON file, written atomically;
 a rerun with the same settings reads it back instead of measuring again.
 """
 
@@ -28,16 +29,20 @@ CONDITIONS = {"template": "chat+prefix", "no_template": "raw+prefix"}
 FILENAME = "attention.json"
 
 
-def needle_tokens(rendered: Any, needle_text: str) -> list[int]:
-    """Token positions of ``needle_text`` inside the user turn of ``rendered`` (by character offsets)."""
+def needle_tokens(rendered: Any, needle_text: str | Sequence[str]) -> list[int]:
+    """Token positions of ``needle_text`` (or of every text of a sequence: the needles of a task) inside
+    the user turn of ``rendered`` (by character offsets)."""
     users = [s for s in rendered.spans if s.role == "user"]
     lo = users[0].char_start if users else 0
     hi = users[0].char_end if users else len(rendered.text)
-    start = rendered.text.find(needle_text.strip(), lo, hi)
-    if start < 0:
-        raise InputError("the needle's text is not in the rendered user turn (did the chat template rewrite it?)")
-    end = start + len(needle_text.strip())
-    return [i for i, (s, e) in enumerate(rendered.offsets) if s < end and e > start and e > s]
+    out: set[int] = set()
+    for text in [needle_text] if isinstance(needle_text, str) else needle_text:
+        start = rendered.text.find(text.strip(), lo, hi)
+        if start < 0:
+            raise InputError("the needle's text is not in the rendered user turn (did the chat template rewrite it?)")
+        end = start + len(text.strip())
+        out.update(i for i, (s, e) in enumerate(rendered.offsets) if s < end and e > start and e > s)
+    return sorted(out)
 
 
 def channel_matrix(rendered: Any, needle_pos: Sequence[int]) -> torch.Tensor:
@@ -50,7 +55,7 @@ def channel_matrix(rendered: Any, needle_pos: Sequence[int]) -> torch.Tensor:
     return m
 
 
-def measure_prompt(model: Any, rendered: Any, needle_text: str) -> torch.Tensor:
+def measure_prompt(model: Any, rendered: Any, needle_text: str | Sequence[str]) -> torch.Tensor:
     """``(layers, heads, 6)`` attention mass of the last token on each channel (+ needle)."""
     from ..attention.backend import model_dims
     from ..measure import observe_mass
@@ -74,9 +79,9 @@ def attention_by_role(model: Any, tokenizer: Any, haystack: Any, needle: Any, le
     tokens: dict[str, list[int]] = {c: [] for c in CONDITIONS}
     jobs = [(d, c) for d in depths for c in CONDITIONS]
     for depth, cond in tqdm(jobs, desc="attention", unit="prompt", disable=not progress):
-        placement = haystack.place(needle.needle, length, depth, reserve=reserve)
+        placement = haystack.place_task(needle, length, depth, reserve=reserve)
         rendered = build_prompt(tokenizer, placement.text, needle, CONDITIONS[cond], system=system).rendered
-        masses[cond].append(measure_prompt(model, rendered, needle.needle))
+        masses[cond].append(measure_prompt(model, rendered, needle.texts))
         tokens[cond].append(len(rendered.input_ids))
     mean = {c: torch.stack(v).mean(0) for c, v in masses.items()}  # (L, H, C)
     needle_mass = mean["template"][..., len(CHANNELS)]

@@ -28,7 +28,16 @@ class StudyConfig(ConfigMixin):
 
     model: str = field("embedded", help="model: 'embedded', a Hugging Face id, a local directory or a .gguf file")
     out: str = field("runs/study", metavar="DIR", help="output directory (rerun with the same one to resume)")
-    needle: str = field("SF", metavar="NEEDLE", help="NIH needle: SF, pizza, ... or a YAML/JSON needle file")
+    needle: str = field("SF", metavar="NEEDLE", help="NIH needle: SF, pizza, ... or a YAML/JSON needle file "
+                                                     "(also the needle of the attention part)")
+    task: Any = field(None, metavar="T1,T2,...",
+                      help="NIH tasks, comma-separated: multi-key, multi-value, multi-query, literal-free, any "
+                           "needle name or file; each runs in every mode into its own DIR/niah-<task>/ "
+                           "(default: only --needle, into DIR/niah)")
+    effective_threshold: float = field(0.85, help="mean recall a length must reach for the NIH effective length")
+    shard: str | None = field(None, metavar="I/N",
+                              help="run only shard I of N of every NIH grid (see ctxaware niah --shard) and stop; "
+                                   "a later run without --shard merges the shards and runs the other parts")
     haystack: str = field("builtin", metavar="SOURCE", help="NIH haystack: builtin, paul_graham or .txt file/dir")
     lengths: Any = field("1000,3000,5000", metavar="L1,L2,...", help="NIH context lengths in tokens")
     depths: Any = field("0,25,50,75,100", metavar="D1,D2,...", help="NIH needle depths in percent")
@@ -46,6 +55,17 @@ class StudyConfig(ConfigMixin):
     qa: Any = field(None, metavar="SETS", help="contextual QA datasets to evaluate: squad,quac,drop (default: none)")
     qa_limit: int = field(50, help="questions per QA dataset and variant")
     data_dir: str | None = field(None, metavar="DIR", help="local QA data folder (see docs/eval.md)")
+    mtbench_judge_url: str | None = field(None, metavar="URL",
+                                          help="run MT-Bench into DIR/mtbench, judged by this OpenAI-compatible "
+                                               "endpoint: plain chat, and steered too when the study steers "
+                                               "(default: no MT-Bench; see docs/mtbench.md)")
+    mtbench_judge_model: str | None = field(None, metavar="NAME", help="MT-Bench judge model (default: the "
+                                                                       "endpoint's only model)")
+    mtbench_limit: int | None = field(None, metavar="N", help="MT-Bench questions, one per category in turn "
+                                                              "(default: all 80)")
+    mtbench_data_dir: str | None = field(None, metavar="DIR", help="MT-Bench data folder, FastChat's layout "
+                                                                   "(default: downloaded once into the user cache)")
+    mtbench_max_new_tokens: int = field(1024, help="MT-Bench decoding budget per answer turn")
     batch_size: int = field(8, help="NIH cells decoded together")
     dtype: str = field("auto", choices=("float32", "bfloat16", "float16", "auto"), help="model dtype: auto = bfloat16 where the hardware computes it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32; float32 for exact comparisons")
     device: str | None = field(None, help="torch device (default: cuda, then mps, else cpu)")
@@ -60,6 +80,8 @@ class StudyConfig(ConfigMixin):
         self.qa = _qa_list(self.qa)
         if self.qa_limit < 1:
             raise ConfigError(f"qa_limit must be >= 1, got {self.qa_limit}")
+        if self.mtbench_judge_url:
+            self.mtbench_configs()  # validates the MT-Bench options before anything runs
         if self.attention_length < 1:
             raise ConfigError(f"attention_length must be >= 1, got {self.attention_length}")
         depths = [d.strip() for d in str(self.attention_depths).split(",") if d.strip()] \
@@ -72,19 +94,63 @@ class StudyConfig(ConfigMixin):
             raise ConfigError(f"attention_depths must be percentages in [0, 100], got {self.attention_depths}")
         if not self.steering and (Path(self.out) / "steering.yaml").is_file():
             self.steering = str(Path(self.out) / "steering.yaml")  # ctxaware calibrate --out DIR wrote one
-        self.niah_config()  # validates grid, modes, α, heads now rather than after loading the model
+        self.task = _task_list(self.task)
+        from ..niah.needles import load_needle
 
-    def niah_config(self) -> NiahConfig:
-        """The NIH part of the study (results in ``DIR/niah``)."""
-        return NiahConfig(model=self.model, haystack=self.haystack, needle=self.needle, lengths=self.lengths,
-                          depths=self.depths, modes=self.modes, steering=self.steering, alpha=self.alpha,
-                          heads=self.heads, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                          dtype=self.dtype, device=self.device, out=f"{self.out}/niah", overwrite=self.overwrite,
-                          progress=self.progress)
+        for cfg in self.niah_configs().values():  # validates grid, modes, α, heads now rather than after loading
+            load_needle(cfg.needle)  # and the task files: one line naming the bad key
+
+    def niah_config(self, task: str | None = None) -> NiahConfig:
+        """The NIH part of the study for ``task`` (results in ``DIR/niah-<task>``), or for ``needle`` (``DIR/niah``)."""
+        out = f"{self.out}/niah" if task is None else f"{self.out}/niah-{task_slug(task)}"
+        return NiahConfig(model=self.model, haystack=self.haystack, needle=self.needle if task is None else task,
+                          lengths=self.lengths, depths=self.depths, modes=self.modes, steering=self.steering,
+                          alpha=self.alpha, heads=self.heads, max_new_tokens=self.max_new_tokens,
+                          batch_size=self.batch_size, dtype=self.dtype, device=self.device, out=out,
+                          overwrite=self.overwrite, progress=self.progress,
+                          effective_threshold=self.effective_threshold, shard=self.shard)
+
+    def niah_configs(self) -> dict[str, NiahConfig]:
+        """Every NIH part by name: ``{needle: DIR/niah}`` without tasks, else one per task."""
+        if not self.task:
+            return {self.needle: self.niah_config()}
+        return {t: self.niah_config(t) for t in self.task}
 
     @property
     def steered(self) -> bool:
         return any("steer" in canonical_mode(m).split("+") for m in self.niah_config().modes)
+
+    def mtbench_configs(self) -> list[Any]:
+        """The MT-Bench runs (into ``DIR/mtbench``): plain chat, then steered like the study when it steers."""
+        if not self.mtbench_judge_url:
+            return []
+        from ..mtbench import MtBenchConfig
+
+        common = dict(model=self.model, out=f"{self.out}/mtbench", data_dir=self.mtbench_data_dir,
+                      limit=self.mtbench_limit, max_new_tokens=self.mtbench_max_new_tokens,
+                      judge_base_url=self.mtbench_judge_url, judge_model=self.mtbench_judge_model, dtype=self.dtype,
+                      device=self.device, progress=self.progress)
+        steer = {"steering": self.steering} if self.steering else {"alpha": self.alpha, "heads": self.heads}
+        return [MtBenchConfig(**common)] + ([MtBenchConfig(**common, **steer)] if self.steered else [])
+
+
+def task_slug(task: str) -> str:
+    """The directory name part of a task: its name, or a task file's stem."""
+    import re
+
+    name = Path(task).stem if Path(task).suffix.lower() in (".yaml", ".yml", ".json") else task
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "task"
+
+
+def _task_list(value: Any) -> list[str]:
+    if value in (None, "", []):
+        return []
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    slugs = [task_slug(t) for t in items]
+    dup = sorted({s for s in slugs if slugs.count(s) > 1})
+    if dup:
+        raise ConfigError(f"task: {', '.join(dup)} named twice (each task needs its own DIR/niah-<task>)")
+    return items
 
 
 def _qa_list(value: Any) -> list[str]:

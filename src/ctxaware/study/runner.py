@@ -4,11 +4,15 @@ Layout of ``DIR`` (``StudyConfig.out``)::
 
     study.json            configuration, versions, the commands that reproduce each part, timings
     niah/                 an NIH results directory (results.jsonl, manifest, summary, heatmaps)
+    niah-<task>/          instead, with --task: one NIH results directory per task
     attention/attention.json
     qa/<variant>/results.json      (with --qa)
+    mtbench/              answers.jsonl, judgments.jsonl, summary.json (with --mtbench-judge-url)
     report.html
 
-Every part resumes: NIH cells by key, attention and QA by their settings.
+Every part resumes: NIH cells by key, attention and QA by their settings. With ``--shard i/n`` only
+that shard of every NIH grid runs (a later run without it merges); under ``accelerate launch`` every
+process runs its shard of the NIH grids and the main process merges them and runs the other parts.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ class StudyRun:
 
     out: Path
     niah: Any
-    attention: dict[str, Any]
+    attention: dict[str, Any] | None
     qa: dict[str, Any] = field(default_factory=dict)
     report: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)  # NIH run per task (the needle's alone without --task)
+    mtbench: dict[str, Any] = field(default_factory=dict)  # MT-Bench summary per condition
 
 
 def commands(cfg: StudyConfig) -> dict[str, str]:
@@ -47,17 +53,31 @@ def commands(cfg: StudyConfig) -> dict[str, str]:
             value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
         return f"--{name.replace('_', '-')} {shlex.quote(str(value))}"
 
-    n = cfg.niah_config()
     common = [opt("model", cfg.model), opt("dtype", cfg.dtype)]
-    niah = ["ctxaware niah", *common, opt("needle", cfg.needle), opt("haystack", cfg.haystack),
-            opt("lengths", n.grid_lengths()), opt("depths", n.grid_depths()), opt("modes", n.modes),
-            opt("max_new_tokens", cfg.max_new_tokens)]
-    niah += [opt("steering", cfg.steering)] if cfg.steering else [opt("alpha", cfg.alpha), opt("heads", cfg.heads)]
+    niah_commands = {}
+    for task, n in cfg.niah_configs().items():
+        niah = ["ctxaware niah", *common, opt("needle", task), opt("haystack", cfg.haystack),
+                opt("lengths", n.grid_lengths()), opt("depths", n.grid_depths()), opt("modes", n.modes),
+                opt("max_new_tokens", cfg.max_new_tokens)]
+        niah += [opt("steering", cfg.steering)] if cfg.steering else [opt("alpha", cfg.alpha), opt("heads", cfg.heads)]
+        if cfg.effective_threshold != 0.85:
+            niah.append(opt("effective_threshold", cfg.effective_threshold))
+        name = "niah" if not cfg.task else "niah " + task
+        niah_commands[name] = " ".join(niah + [opt("out", n.out)])
     study = ["ctxaware study", *common, opt("out", cfg.out)]
+    study += [opt("task", ",".join(cfg.task))] if cfg.task else []
     if cfg.qa:
         study += [opt("qa", ",".join(cfg.qa)), opt("qa_limit", cfg.qa_limit)]
         study += [opt("data_dir", cfg.data_dir)] if cfg.data_dir else []
-    out = {"study": " ".join(study), "niah": " ".join(niah + [opt("out", n.out)]),
+    mtbench = []
+    if cfg.mtbench_judge_url:  # the same options under ctxaware mtbench's names (plain chat; steered adds --alpha ...)
+        names = {"mtbench_judge_url": "judge_base_url", "mtbench_judge_model": "judge_model", "mtbench_limit": "limit",
+                 "mtbench_data_dir": "data_dir", "mtbench_max_new_tokens": "max_new_tokens"}
+        given = [(k, getattr(cfg, k)) for k in names if getattr(cfg, k) is not None]
+        study += [opt(k, v) for k, v in given]
+        mtbench = ["ctxaware mtbench", opt("model", cfg.model)] + [opt(names[k], v) for k, v in given]
+        mtbench.append(opt("out", f"{cfg.out}/mtbench"))
+    out = {"study": " ".join(study), **niah_commands, **({"mtbench": " ".join(mtbench)} if mtbench else {}),
            "report": f"ctxaware report {shlex.quote(cfg.out)} --out {shlex.quote(cfg.out + '/report.html')}"}
     if cfg.qa:
         tasks = ",".join(f"ctxaware_{d}_no_ind,ctxaware_{d}_no_template" for d in cfg.qa)
@@ -69,6 +89,7 @@ def commands(cfg: StudyConfig) -> dict[str, str]:
 def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer: Any = None,
               model_name: str | None = None) -> StudyRun:
     """Run (or resume) every part of the study of ``config``; ``model``/``tokenizer`` reuse a loaded model."""
+    from ..distributed import Launched, launched
     from ..niah.haystack import Haystack, read_haystack
     from ..niah.needles import load_needle
     from ..niah.results import versions
@@ -77,24 +98,39 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
     cfg = config or StudyConfig()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ncfg = cfg.niah_config()
+    parts = cfg.niah_configs()
+    ncfg = next(iter(parts.values()))
     steer = steering_config(ncfg) if cfg.steered else None
     needle = load_needle(cfg.needle)
     hay_text = read_haystack(cfg.haystack)
+    launch = Launched() if cfg.shard is None and launched() else None
+    if cfg.mtbench_judge_url and cfg.shard is None:
+        from ..mtbench import check_judge
+
+        check_judge(cfg.mtbench_configs()[0])  # an unreachable judge fails now, not after the NIH grid
     if model is None or tokenizer is None:
         from ..models import load_model
 
-        loaded = load_model(cfg.model, **load_kwargs(cfg))
+        kwargs = load_kwargs(cfg)
+        if launch is not None and not kwargs["device"] and not kwargs["device_map"]:
+            kwargs["device"] = launch.device
+        loaded = load_model(cfg.model, **kwargs)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
-    check_grid(ncfg, model, steer)  # before any part runs: window, heads
+    for part in parts.values():
+        check_grid(part, model, steer)  # before any part runs: window, heads
     seconds: dict[str, float] = {}
     meta = {"config": cfg.to_dict(), "model": model_name, "versions": versions(), "commands": commands(cfg)}
-    write_json(out / STUDY_FILE, meta)
+    if launch is None or launch.main:
+        write_json(out / STUDY_FILE, meta)
 
     t0 = time.perf_counter()
-    niah = run_niah(ncfg, model=model, tokenizer=tokenizer, model_name=model_name)
+    tasks = {task: run_niah(part, model=model, tokenizer=tokenizer, model_name=model_name)
+             for task, part in parts.items()}
+    niah = next(iter(tasks.values()))
     seconds["niah"] = time.perf_counter() - t0
+    if cfg.shard is not None or (launch is not None and not launch.main):
+        return StudyRun(out=out, niah=niah, attention=None, seconds=seconds, tasks=tasks)  # the main merges
 
     t0 = time.perf_counter()
     settings = {"model": model_name, "needle": needle.to_dict(), "haystack": hay_text.id,
@@ -117,10 +153,20 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
         qa = run_qa(model, tokenizer, model_name, cfg.qa, out / "qa", limit=cfg.qa_limit, data_dir=cfg.data_dir,
                     steering=steer, progress=cfg.progress)
         seconds["qa"] = time.perf_counter() - t0
+    mtbench: dict[str, Any] = {}
+    if cfg.mtbench_judge_url:
+        from ..mtbench import run_mtbench
+
+        t0 = time.perf_counter()
+        for mcfg in cfg.mtbench_configs():
+            summary = run_mtbench(mcfg, model=model, tokenizer=tokenizer, model_name=model_name).summary
+            mtbench[summary["condition"]] = summary
+        seconds["mtbench"] = time.perf_counter() - t0
     write_json(out / STUDY_FILE, {**meta, "seconds": {k: round(v, 1) for k, v in seconds.items()}})
     report = None
     if cfg.report:
         from ..report import build_report
 
         report = build_report([out], out / "report.html")
-    return StudyRun(out=out, niah=niah, attention=attention, qa=qa, report=report, seconds=seconds)
+    return StudyRun(out=out, niah=niah, attention=attention, qa=qa, report=report, seconds=seconds, tasks=tasks,
+                    mtbench=mtbench)
