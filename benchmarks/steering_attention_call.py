@@ -9,9 +9,12 @@ of ``--repeats``; CPU time on CPU, wall time with synchronisation on CUDA):
   the channel copies included;
 * ``flex``     — the same call forced onto compiled ``flex_attention`` (``use_path("flex")``; compiled
   once before timing).
-* ``thin``     — ``thin.attention``: the plain 64-wide CPU flash call with its log-sum-exp, corrected
-  over the down-weighted keys (what ``auto`` takes in fp32/fp64 on CPU for α ≥ 0.5 and few down
-  keys; give ``--down-keys 20`` for a chat prompt's system prompt and template tokens).
+* ``thin``     — ``thin.attention``: the plain 64-wide fused call with its log-sum-exp, corrected
+  over the down-weighted keys by eager ops (what ``auto`` takes on CPU for α ≥ 0.5 in fp32/fp64 and
+  α ≥ 0.8 in bf16/fp16 with few down keys; give ``--down-keys 20`` for a chat prompt's system prompt
+  and template tokens);
+* ``fused``    — the same with the correction as one ``torch.compile``'d pass (``fused.use_mode("compiled")``;
+  compiled before timing; the first call's seconds, compile included, go to stderr).
 
 ``--down`` is the fraction of keys that are down-weighted (the first ones, like a system prompt
 before the user's document; default 0.3).
@@ -23,6 +26,7 @@ before the user's document; default 0.3).
     python benchmarks/steering_attention_call.py --lengths 2048,4096,8192 --repeats 3 --threads 1
     python benchmarks/steering_attention_call.py --dtype bfloat16 --lengths 4096
     python benchmarks/steering_attention_call.py --paths plain,channels,thin --down-keys 20 --lengths 2048,4096,8192
+    python benchmarks/steering_attention_call.py --paths plain,channels,thin,fused --down-keys 20 --dtype bfloat16
     python benchmarks/steering_attention_call.py --value-dim 32 --lengths 4096,8192 --paths channels,flex
 """
 
@@ -34,7 +38,7 @@ import os
 import sys
 import time
 
-PATHS = ("plain", "channels", "flex", "thin")
+PATHS = ("plain", "channels", "flex", "thin", "fused")
 DEFAULT_PATHS = ("plain", "channels", "flex")
 
 
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctxaware.attention import flex as FX
     from ctxaware.attention import functional as AF
+    from ctxaware.attention import fused as FU
     from ctxaware.attention import thin as TH
 
     torch.set_num_threads(args.threads)
@@ -104,7 +109,19 @@ def main(argv: list[str] | None = None) -> int:
 
         fns = {"plain": lambda: sdpa_attention_forward(Module(), q, k, v, None, scaling=d ** -0.5),
                "channels": steered("sdpa"), "flex": steered("flex"),
-               "thin": lambda: TH.attention(q, k, v, scaling=d ** -0.5, coef=coef, down=down)}
+               "thin": lambda: TH.attention(q, k, v, scaling=d ** -0.5, coef=coef, down=down, mode="eager"),
+               "fused": lambda: TH.attention(q, k, v, scaling=d ** -0.5, coef=coef, down=down, mode="compiled")}
+        for p in ("thin", "fused"):
+            if p in paths and fns[p]() is None:
+                print(f"{p}: no kernel gave the log-sum-exp for {args.dtype} on {device.type}", file=sys.stderr)
+                return 1
+        if "fused" in paths:
+            if FU.failures():
+                print(f"the compiled correction failed: {FU.failures()}", file=sys.stderr)
+                return 1
+            if length == int(args.lengths.split(",")[0]):
+                print(f"fused: first call {FU.compile_seconds().get(device.type, 0.0):.1f} s (compile included)",
+                      file=sys.stderr)
         if "flex" in paths:
             fns["flex"]()  # compile outside the timing
             if FX.failures():

@@ -135,8 +135,12 @@ def sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         out = AF.sdpa_decode_mask(query, key, value, attention_mask, scaling=scaling, add=add, dropout=dropout)
     else:
         out = None
-        if TH.wanted(query, key, value, attention_mask, coef=coef, down=down, is_causal=causal, dropout=dropout):
-            out = TH.attention(query, key, value, scaling=scaling, coef=coef, down=down)
+        # the down-key index and the gate's numbers come from the plan: built once per forward pass
+        index = plan.down_index(kv_length, batch, device, offset) if share is None and attention_mask is None else None
+        if index is not None and TH.wanted(query, key, value, attention_mask, coef=coef, down=down, is_causal=causal,
+                                           dropout=dropout, coef_range=plan.coef_range(module.layer_idx),
+                                           n_down=index[2]):
+            out = TH.attention(query, key, value, scaling=scaling, coef=coef, down=down, index=index)
         if out is None:
             out = AF.sdpa_key_bias(query, key, value, attention_mask, scaling=scaling, coef=coef, down=down,
                                    is_causal=causal, dropout=dropout)

@@ -30,6 +30,7 @@ with :func:`use_path` / the ``CTXAWARE_ATTENTION_PATH`` environment variable (``
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -46,32 +47,48 @@ BLOCK = 128  # flex_attention's default sparse block size
 PATHS = ("auto", "flex", "sdpa")
 RECOMPILE_LIMIT = 64  # compiled signatures kept for flex_attention (dynamo's default is 8)
 
-_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar("ctxaware_attention_path", default=None)
 _COMPILED: Callable | None = None
 _FAILED: dict[tuple, str] = {}
 
 
+class Switch:
+    """A setting forced per context (:meth:`use`), else read from an environment variable, else ``auto``."""
+
+    def __init__(self, what: str, env: str, choices: tuple[str, ...]) -> None:
+        self.what, self.env, self.choices = what, env, choices
+        self._var: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"ctxaware_{env.lower()}", default=None)
+
+    def _check(self, value: str, hint: str = "") -> str:
+        if value not in self.choices:
+            raise ConfigError(f"{self.what} {value!r} is not one of {', '.join(self.choices)}{hint}")
+        return value
+
+    def current(self) -> str:
+        return self._check(self._var.get() or os.environ.get(self.env) or "auto",
+                           f"; set {self.env} to one of them or unset it")
+
+    @contextmanager
+    def use(self, value: str) -> Iterator[None]:
+        token = self._var.set(self._check(value))
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+
+
+_PATH = Switch("attention path", "CTXAWARE_ATTENTION_PATH", PATHS)
+
+
 def current_path() -> str:
     """The attention path in force: :func:`use_path`'s, else ``$CTXAWARE_ATTENTION_PATH``, else ``auto``."""
-    path = _PATH.get() or os.environ.get("CTXAWARE_ATTENTION_PATH") or "auto"
-    if path not in PATHS:
-        raise ConfigError(f"attention path {path!r} is not one of {', '.join(PATHS)}; "
-                          "set CTXAWARE_ATTENTION_PATH to one of them or unset it")
-    return path
+    return _PATH.current()
 
 
-@contextmanager
-def use_path(path: str) -> Iterator[None]:
+def use_path(path: str) -> contextlib.AbstractContextManager[None]:
     """Force the steered attention path within the block: ``flex`` (compiled flex_attention
     wherever it compiles), ``sdpa`` (padded channels through SDPA, chunked where only the math
     kernel takes them) or ``auto`` (flex where only the math kernel could run, else the channels)."""
-    if path not in PATHS:
-        raise ConfigError(f"attention path {path!r} is not one of {', '.join(PATHS)}")
-    token = _PATH.set(path)
-    try:
-        yield
-    finally:
-        _PATH.reset(token)
+    return _PATH.use(path)
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -5,7 +5,7 @@ query ``q`` and key ``k``: ``u`` is the indicator of the down-weighted keys (pro
 the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α rule, or the per-query
 ``b_q`` of the target-share rule. Nothing here materialises a ``T × T`` tensor per head:
 
-* :func:`sdpa_channels` (prefill, and decoding in half precision on CUDA) folds the bias into SDPA through
+* :func:`sdpa_channels` (prefill where the thin correction does not apply) folds the bias into SDPA through
   extra channels: ``q' = [q, c₁, c₂, …, 0…]``, ``k' = [k, u, u, …, 0…]`` with ``c₁ + c₂ + … =
   c / scale`` (a hi/lo split: ``c₁`` is ``c / scale`` rounded to the dtype, ``c₂`` the rounded
   remainder, …) and SDPA called with ``scale`` explicitly, so ``scale · q'·k' = scale · q·k + c·u``
@@ -19,7 +19,7 @@ the emphasis) and ``c`` is ``head_scale[b, h] · log α_b`` under the fixed-α r
   scores would be large, or when forced with :func:`.flex.use_path` — through compiled
   ``flex_attention`` with a ``score_mod`` (:mod:`.flex`), which never materialises the scores; if
   flex cannot compile the inputs, the chunked SDPA below is the fallback.
-* :func:`sdpa_decode_mask` (one query token in fp32/fp64, and in bf16/fp16 on CPU): a float mask
+* :func:`sdpa_decode_mask` (one query token, every dtype on CPU and CUDA): a float mask
   ``(B, H, 1, T)`` — O(T) per head — with the grouped query heads packed as query rows, so the
   KV cache is read in place, never copied into padded channels (:func:`decode_mask_dtype`).
 * :func:`eager_bias`: the eager formula (scores + mask + bias, float32 softmax).
@@ -291,12 +291,23 @@ def decode_mask_dtype(query: torch.Tensor) -> torch.dtype | None:
 
     fp32/fp64 queries take a mask of their own dtype. bf16/fp16 queries take a float32 mask on CPU,
     whose flash kernel adds the mask in its float32 accumulator (so ``log α`` is exact to float32,
-    not rounded to 8 or 11 bits). On CUDA they keep the channels: a mask of another dtype than the
-    query leaves the fused kernels there, and the math kernel would upcast the whole KV cache.
+    not rounded to 8 or 11 bits). On CUDA they take a mask of their own dtype: a mask of another
+    dtype leaves the fused kernels there (the math kernel would upcast the whole KV cache), and the
+    channels would copy the KV cache into widened heads every step. That rounds ``head_scale · log α``
+    to the dtype: the weight α is off by at most ``|log α| · 2⁻⁸`` relative in bf16 (α = 0.9:
+    0.89990 for 0.9, 1.1e-4 of the weight; measured per α in docs/steering.md). Other devices (no
+    fused kernel known to take such a mask) keep the channels (None).
     """
-    if query.dtype not in HALF:
-        return query.dtype
-    return torch.float32 if query.device.type == "cpu" else None
+    return mask_dtype_for(query.device.type, query.dtype)
+
+
+def mask_dtype_for(device_type: str, dtype: torch.dtype) -> torch.dtype | None:
+    """:func:`decode_mask_dtype`'s decision on a device type and query dtype."""
+    if dtype not in HALF:
+        return dtype
+    if device_type == "cpu":
+        return torch.float32
+    return dtype if device_type == "cuda" else None
 
 
 def sdpa_decode_mask(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -313,7 +324,11 @@ def sdpa_decode_mask(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     h_kv, dv = key.shape[1], value.shape[-1]
     n_rep = h // h_kv
     work = torch.promote_types(query.dtype, torch.float32)
-    mask = _with_mask(add.to(work), attention_mask, decode_mask_dtype(query) or query.dtype, work)
+    dtype = decode_mask_dtype(query) or query.dtype
+    if attention_mask is None and add.dtype == dtype:
+        mask = add  # the layer's bias buffer as it is: no copy per step
+    else:
+        mask = _with_mask(add.to(work), attention_mask, dtype, work)
     mask = mask.expand(b, h, tq, mask.shape[-1])
     if n_rep > 1 and tq == 1:
         q = query.reshape(b, h_kv, n_rep, d)

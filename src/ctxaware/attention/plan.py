@@ -23,6 +23,7 @@ import torch
 from ..errors import SteeringError
 
 DECODE_SLACK = 256  # keys a decoding step's bias buffer is built ahead of the cache
+MASK_ALIGN = 16  # on CUDA the buffer's row length is a multiple of this (the memory-efficient kernel's mask stride)
 
 _PLANS: ContextVar[tuple[tuple[frozenset, "KeyBiasPlan"], ...]] = ContextVar("ctxaware_plans", default=())
 
@@ -99,8 +100,35 @@ class KeyBiasPlan:
         return out
 
     def row_log_alpha(self, batch: int, device: torch.device) -> torch.Tensor:
-        """float64 ``(batch,)`` log α of each row (0 for unsteered rows)."""
-        return self._rows(self.log_alpha, batch).to(device)
+        """float64 ``(batch,)`` log α of each row (0 for unsteered rows), built once per batch and device."""
+        key = ("log_alpha", batch, device)
+        out = self._cache.get(key)
+        if out is None:
+            out = self._cache[key] = self._rows(self.log_alpha, batch).to(device)
+        return out
+
+    def coef_range(self, layer: int) -> tuple[float, float]:
+        """``(min, max)`` of the fixed-α coefficient ``head_scale · log α`` of ``layer`` over rows and
+        heads, from the plan's own tensors (no read of a device tensor per layer call)."""
+        key = ("coef_range", layer)
+        out = self._cache.get(key)
+        if out is None:
+            coef = self.head_scale[layer].double().cpu() * self.log_alpha.double().cpu()[:, None]
+            out = self._cache[key] = (float(coef.min()), float(coef.max())) if coef.numel() else (0.0, 0.0)
+        return out
+
+    def down_index(self, kv_length: int, batch: int, device: torch.device, offset: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """:func:`.thin.down_index` of :meth:`down`: built once per forward pass (every layer of the
+        same key range reuses it), not once per layer."""
+        from .thin import down_index
+
+        key = ("down_index", (kv_length, offset), batch, device)
+        out = self._cache.get(key)
+        if out is None:
+            self._evict("down_index", (kv_length, offset))
+            out = self._cache[key] = down_index(self.down(kv_length, batch, device, offset))
+        return out
 
     def row_share(self, batch: int, device: torch.device) -> torch.Tensor | None:
         return None if self.share is None else self._rows(self.share, batch).to(device)
@@ -120,13 +148,16 @@ class KeyBiasPlan:
                     build: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """``(batch, H, 1, kv_length)`` fixed-α bias of a decoding step, in ``dtype``: a view of a
         per-layer buffer ``build(n)`` (the bias of the first ``n`` keys) made :data:`DECODE_SLACK`
-        keys ahead, so the steps that follow (one key longer each) build nothing. Keys past the prompt
+        keys ahead (on CUDA rounded up to :data:`MASK_ALIGN`), so the steps that follow (one key
+        longer each) build nothing. Keys past the prompt
         get 0, so a longer buffer's prefix is the shorter bias exactly. Full-attention layers only
         (key offset 0)."""
         key = ("decode", layer, batch, device, dtype)
         buf = self._cache.get(key)
         if buf is None or buf.shape[-1] < kv_length:
-            buf = self._cache[key] = build(kv_length + DECODE_SLACK).to(dtype)
+            size, align = kv_length + DECODE_SLACK, MASK_ALIGN if device.type == "cuda" else 1
+            size = -(-size // align) * align
+            buf = self._cache[key] = build(size).to(dtype)
         return buf[..., :kv_length]
 
     def _evict(self, kind: str, size: tuple[int, int]) -> None:

@@ -2,19 +2,31 @@
 
 In a chat prompt steered toward the user's turn, the down-weighted keys ``D`` are the system prompt
 and the template tokens: tens of keys against thousands. With the plain causal attention's output
-``O`` and log-sum-exp ``L`` (one fused CPU flash call at the model's own head width), the mass
-``m_D = Σ_{k∈D} p_k`` and ``P_D V_D = Σ_{k∈D} p_k v_k`` (``p_k = exp(s_k − L)``) come from a thin
-``Tq × |D|`` product, and the steered output is exactly
+``O`` and log-sum-exp ``L`` (one fused call at the model's own head width, :mod:`.lse`: CPU flash,
+or CUDA flash / cuDNN / memory-efficient), the mass ``m_D = Σ_{k∈D} p_k`` and
+``P_D V_D = Σ_{k∈D} p_k v_k`` (``p_k = exp(s_k − L)``) come from a thin ``Tq × |D|`` product, and
+the steered output is exactly
 
     O' = (O − (1 − α) P_D V_D) / (1 − (1 − α) m_D)
 
-(multiplying the down keys' weights by α and renormalising, per query row and head). The
-denominator is at least α, so the division amplifies rounding by at most ``1/α``: the path is only
-taken for α ≥ :data:`MIN_ALPHA` (at most 2×), in fp32/fp64 on CPU, for a causal prefill without a
-padding mask under the fixed-α rule, when ``|D|`` is at most :data:`MAX_DOWN_FRACTION` of the keys.
-Everything else goes through the padded channels (:mod:`.functional`). It needs the CPU flash
-kernel's log-sum-exp (``aten._scaled_dot_product_flash_attention_for_cpu``); where that op is
-missing or refuses the inputs, :func:`attention` returns None and the caller uses the channels.
+(multiplying the down keys' weights by α and renormalising, per query row and head), computed by
+:mod:`.fused` (eager ops or one compiled pass). The denominator ``den`` is at least α and divides the
+rounding of ``O`` (the kernel's output, in the model's dtype) by it:
+
+* fp32/fp64 on CPU: taken for α ≥ :data:`MIN_ALPHA` (measured: at most 1.65× plain's own error at α = 0.5);
+* fp16/bf16: taken for α ≥ :data:`HALF_MIN_ALPHA` (the kernel's output is rounded to 8 or 11 bits).
+  Measured against float64 on CPU (tests/test_thin.py, inputs with a strong attention sink among the
+  down keys): the largest error relative to the output's scale is then at most 2.0× plain
+  attention's own (1.0–1.5× without a sink); at α = 0.7 it reaches 2.3×, at 0.5 3×. Below it (small
+  α in half precision) the channels run. CUDA fp32 takes the same bound: the H200 probe measured
+  2.8× plain's error at α = 0.5 with the memory-efficient kernel's log-sum-exp. On CPU, half types
+  keep the channels (:data:`CPU_HALF`): there the 66-wide channels cost 2–5 % of the call, the
+  correction's two thin matmuls as much or more (measured, docs/steering.md).
+
+Always: a causal prefill (``Tq = Tk``) without a padding mask, the fixed-α rule, the ``auto`` path,
+at most :data:`MAX_DOWN_FRACTION` of the keys down-weighted, and a device/dtype/head dim some
+log-sum-exp op takes (:func:`.lse.candidates`). Everything else goes through the padded channels
+(:mod:`.functional`). :func:`gate` is that decision on plain numbers (testable for any device).
 """
 
 from __future__ import annotations
@@ -24,73 +36,94 @@ import math
 import torch
 
 from . import flex as FX
+from . import fused as FU
+from . import lse as LS
 from .functional import repeat_kv
+from .kernels import HALF
 
 MIN_ALPHA = 0.5  # smallest α (largest down-weighting) taken through the correction
+HALF_MIN_ALPHA = 0.8  # fp16/bf16: smallest α taken (error within 2x plain's, measured)
 MAX_DOWN_FRACTION = 1 / 32  # most down-weighted keys, as a fraction of the keys
+CPU_HALF = False  # bf16/fp16 on CPU: the channels measured as fast as the correction (docs/steering.md)
 _MIN_COEF = math.log(MIN_ALPHA)
+_HALF_MIN_COEF = math.log(HALF_MIN_ALPHA)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _flash_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None:
-        return None
-    try:
-        out, lse = op(query, key, value, 0.0, True, scale=scaling)[:2]
-    except RuntimeError:
-        return None
-    if out.shape != (*query.shape[:3], value.shape[-1]) or lse.shape != query.shape[:3]:
-        return None
-    return out, lse
+def gate(*, device_type: str, dtype: torch.dtype, tq: int, tk: int, head_dim: int, value_dim: int, grouped: bool,
+         coef_min: float, coef_max: float, n_down: int, fixed_alpha: bool = True, masked: bool = False,
+         causal: bool = True, dropout: float = 0.0, path: str = "auto") -> bool:
+    """Whether a steered call with these properties goes through the correction: the whole decision,
+    on numbers only (``coef_min``/``coef_max``: range of ``log α`` over rows and heads)."""
+    if path != "auto" or dropout or masked or not causal or not fixed_alpha:
+        return False
+    if dtype not in DTYPES or (dtype == torch.float64 and device_type != "cpu"):
+        return False
+    if dtype in HALF and device_type == "cpu" and not CPU_HALF:
+        return False
+    if not LS.candidates(device_type, dtype, head_dim, value_dim, grouped):
+        return False
+    if tq != tk or tq < 2:
+        return False
+    strict = dtype in HALF or device_type != "cpu"
+    if coef_min < (_HALF_MIN_COEF if strict else _MIN_COEF) or coef_max > 0.0:
+        return False
+    return n_down <= tk * MAX_DOWN_FRACTION
 
 
 def wanted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object, *,
-           coef: torch.Tensor, down: torch.Tensor, is_causal: bool, dropout: float = 0.0) -> bool:
-    """Whether the steered call ``(query, key, value, coef, down)`` goes through :func:`attention`."""
-    if FX.current_path() != "auto" or dropout or attention_mask is not None or not is_causal:
-        return False
-    if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64) or coef.dim() != 2:
-        return False
-    tq, tk = query.shape[2], key.shape[2]
-    if tq != tk or tq < 2 or value.shape[-1] != query.shape[-1]:
-        return False
-    if float(coef.min()) < _MIN_COEF or float(coef.max()) > 0.0:
-        return False
-    return int(down.sum(-1).max()) <= tk * MAX_DOWN_FRACTION
+           coef: torch.Tensor, down: torch.Tensor, is_causal: bool, dropout: float = 0.0,
+           coef_range: tuple[float, float] | None = None, n_down: int | None = None) -> bool:
+    """Whether the steered call ``(query, key, value, coef, down)`` goes through :func:`attention`.
+
+    ``coef_range`` (min, max of ``coef``) and ``n_down`` (most down keys of a row), when the caller
+    has them (the plan does, without reading the device), save reading them from ``coef``/``down``."""
+    fixed = coef.dim() == 2
+    if fixed and coef_range is None:
+        coef_range = (float(coef.min()), float(coef.max()))
+    lo, hi = coef_range if fixed else (0.0, 0.0)
+    return gate(device_type=query.device.type, dtype=query.dtype, tq=query.shape[2], tk=key.shape[2],
+                head_dim=query.shape[-1], value_dim=value.shape[-1], grouped=query.shape[1] != key.shape[1],
+                coef_min=lo, coef_max=hi, n_down=int(down.sum(-1).max()) if n_down is None else n_down,
+                fixed_alpha=fixed, masked=attention_mask is not None, causal=is_causal, dropout=dropout,
+                path=FX.current_path())
+
+
+def down_index(down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(idx, pos, n)`` of bool ``down (B, T)``: ``idx (B, n)`` each row's down keys in position order,
+    padded to the longest row ``n``; ``pos``: the same positions with padding set to ``T`` (after every
+    query, so the correction ignores it)."""
+    b, t = down.shape
+    counts = down.sum(-1)
+    n = int(counts.max()) if b else 0
+    idx = torch.argsort((~down).to(torch.int8), dim=-1, stable=True)[:, :n]
+    valid = torch.arange(n, device=down.device)[None, :] < counts[:, None]
+    pos = torch.where(valid, idx, torch.full_like(idx, t))
+    return idx, pos, n
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float, coef: torch.Tensor,
-              down: torch.Tensor) -> torch.Tensor | None:
-    """The steered causal attention ``(B, Tq, H, Dv)`` (transformers' layout), or None where the CPU
-    flash kernel cannot give its log-sum-exp.
+              down: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+              mode: str | None = None) -> torch.Tensor | None:
+    """The steered causal attention ``(B, Tq, H, Dv)`` (transformers' layout), or None where no kernel
+    gives its log-sum-exp.
 
     ``query (B, H, T, D)``, ``key``/``value`` ``(B, Hkv, T, D)``; ``coef``: float ``(B, H)``
-    ``log α`` per row and head; ``down``: bool ``(B, T)``.
+    ``log α`` per row and head; ``down``: bool ``(B, T)``; ``index``: :func:`down_index` of ``down``
+    (computed here when not given); ``mode``: :mod:`.fused`'s (default: its current mode).
     """
-    got = _flash_lse(query, key, value, scaling)
+    got = LS.plain_with_lse(query, key, value, scaling)
     if got is None:
         return None
-    out, lse = got
+    out, lse, _ = got
     b, h, t, _ = query.shape
     h_kv, d, dv = key.shape[1], key.shape[-1], value.shape[-1]
-    counts = down.sum(-1)
-    nd = int(counts.max())
+    idx, pos, nd = index if index is not None else down_index(down)
     if nd == 0:
         return out.transpose(1, 2).contiguous()
-    # the down keys of each row in position order, padded (masked below) to the longest row
-    idx = torch.argsort((~down).to(torch.int8), dim=-1, stable=True)[:, :nd]
-    valid = torch.arange(nd, device=down.device)[None, :] < counts[:, None]
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
     n_rep = h // h_kv
-    kd = repeat_kv(key.gather(2, idx[:, None, :, None].expand(b, h_kv, nd, d)), n_rep)
-    vd = repeat_kv(value.gather(2, idx[:, None, :, None].expand(b, h_kv, nd, dv)), n_rep)
-    p = torch.matmul(query, kd.transpose(-1, -2))  # (B, H, T, nd) scores against the down keys
-    p.mul_(scaling).sub_(lse[..., None].to(p.dtype))
-    later = idx[:, None, :] > torch.arange(t, device=idx.device)[None, :, None]  # causal: key after query
-    p.masked_fill_((later | ~valid[:, None, :])[:, None], float("-inf")).exp_()
-    keep = (-torch.expm1(coef.double())).to(query.dtype)[:, :, None, None]  # 1 − α per row and head
-    inv_den = p.sum(-1, keepdim=True).mul_(-keep).add_(1).reciprocal_()
-    p.mul_(inv_den * -keep)
-    corr = torch.matmul(p, vd)  # −(1 − α) P_D V_D / den
-    res = torch.empty(b, t, h, dv, dtype=query.dtype, device=query.device)
-    torch.addcmul(corr.transpose(1, 2), out.transpose(1, 2), inv_den.transpose(1, 2), out=res)
-    return res
+    kd = key.gather(2, idx[:, None, :, None].expand(b, h_kv, nd, d)).to(work).mul_(scaling)
+    vd = value.gather(2, idx[:, None, :, None].expand(b, h_kv, nd, dv)).to(work)
+    keep = (-torch.expm1(coef.double())).to(work)  # 1 − α per row and head
+    return FU.correct(out, lse, query, repeat_kv(kd, n_rep), repeat_kv(vd, n_rep), pos, keep, mode=mode)[0]
