@@ -316,3 +316,28 @@ def test_download_is_checked_against_the_pinned_hashes(tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_study_runs_mtbench_plain_and_steered_into_its_directory(tiny, tmp_path):
+    from ctxaware.study import StudyConfig, run_study
+
+    model, tok = tiny
+    data = write_data(tmp_path / "data")
+    with pytest.raises(ConfigError, match="limit"):
+        StudyConfig(out=str(tmp_path / "s"), mtbench_judge_url="http://127.0.0.1:9/v1", mtbench_limit=0)
+    with FakeJudge() as judge:
+        cfg = StudyConfig(out=str(tmp_path / "s"), lengths="200", depths="50", modes="chat,chat+steer",
+                          max_new_tokens=3, attention_length=200, attention_depths="50", alpha=0.5, progress=False,
+                          mtbench_judge_url=judge.base_url, mtbench_limit=2, mtbench_data_dir=str(data),
+                          mtbench_max_new_tokens=4)
+        run = run_study(cfg, model=model, tokenizer=tok, model_name="tiny")
+    assert set(run.mtbench) == {"chat", "chat+steer(alpha=0.5,heads=all)"}
+    assert all(s["judged"] == 4 and s["judge"] == "fake-judge" for s in run.mtbench.values())
+    assert read_mtbench(tmp_path / "s" / "mtbench")["runs"] == [
+        {k: v for k, v in s.items() if k not in ("all", "data")} for s in run.mtbench.values()]
+    study = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert "--judge-base-url" in study["commands"]["mtbench"] and "--mtbench-limit 2" in study["commands"]["study"]
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "<h2>MT-Bench</h2>" in page and "chat+steer(alpha=0.5,heads=all)" in page
+    with pytest.raises(JudgeError, match="unreachable"):
+        run_study(cfg.replace(mtbench_judge_url="http://127.0.0.1:9/v1"), model=model, tokenizer=tok)
