@@ -133,7 +133,7 @@ def test_both_arms_from_one_base_with_equal_settings(study, base):
     data = settings["data"]
     assert data["examples"]["vanilla"] == data["examples"]["conditional"]
     assert data["supervised_tokens"]["vanilla"] == data["supervised_tokens"]["conditional"]  # same answers
-    assert data["steps"] == {"vanilla": 4, "conditional": 4}
+    assert data["steps"] == {"vanilla": 4, "conditional": 4} and settings["data_equal"] is True
     with pytest.raises(ConfigError, match="learning_rate"):
         compare_settings({"vanilla": {"learning_rate": 1.0}, "conditional": {"learning_rate": 2.0}})
 
@@ -240,3 +240,21 @@ def test_no_labelled_turn_is_refused_before_training(base, tmp_path):
     with pytest.raises(InputError, match="labels no turn of 12 answers"):
         run_sft_study(cfg)
     assert not (Path(cfg.out) / "data" / "scored.jsonl").exists()
+
+
+def test_cli_refuses_in_one_line_and_lists_its_options(base, tmp_path, capsys):
+    from ctxaware.cli.main import main
+
+    cfg = _cfg(base, tmp_path, target_fraction=None, threshold=1.0)
+    args = ["sft-study", "--dataset", cfg.dataset, "--out", cfg.out, "--model", str(base), "--probe", str(base),
+            "--recipe", cfg.recipe, "--threshold", "1.0", "--score-max-length", "256", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no user turn is labelled at --threshold 1" in err[0] and "best score seen" in err[0]
+    assert main(["sft-study", "--dataset", cfg.dataset, "--threshold", "0.5", "--target-fraction", "0.1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sft-study", "--help"])
+    out = capsys.readouterr().out
+    assert all(opt in out for opt in ("--probe", "--target-fraction", "--lora", "--max-steps", "--recipe", "--qa",
+                                      "--mtbench-judge-url", "--template-file"))

@@ -12,7 +12,9 @@ Both arms train from the same base with the same recipe, seed, steps and data fi
 order): ``vanilla`` with ``[IND]`` stripped and no ``[IND]`` token added, ``conditional`` with
 ``[IND]`` as a trained special token. A stage recorded as done in ``sft_study.json`` is skipped on
 a rerun; a kill during training resumes from the arm's newest complete checkpoint, a kill during
-evaluation from the NIH cells and QA variants already written.
+evaluation from the NIH cells and QA variants already written. ``seconds`` in ``sft_study.json``
+sum the wall time of each stage over the runs that did its work (a killed run's share of a
+training is lost with it).
 """
 
 from __future__ import annotations
@@ -204,16 +206,20 @@ def run_sft_study(config: SftStudyConfig) -> SftStudyRun:
             train[arm] = {"done": False}
             save()
             train[arm] = _train_arm(cfg, arm, data / "labelled.jsonl")
-            secs[f"train_{arm}"] = train[arm]["seconds"]
+            secs[f"train_{arm}"] = round(secs.get(f"train_{arm}", 0.0) + train[arm]["seconds"], 1)
             save()
     state["settings"]["data"] = {k: {arm: train[arm][k] for arm in ARMS}
                                  for k in ("examples", "supervised_tokens", "dropped", "steps")}
+    unequal = [k for k, v in state["settings"]["data"].items() if len(set(v.values())) > 1]
+    if unequal:  # e.g. a conversation cut to no answer token in one arm only (its [IND] pushed it past max_length)
+        logger.warning("the arms trained on different %s: see sft_study.json settings.data", ", ".join(unequal))
+    state["settings"]["data_equal"] = not unequal
     save()
     evals = st.setdefault("eval", {})
     for arm in ARMS:
         t0 = time.perf_counter()
         evals[arm] = _evaluate_arm(cfg, arm, train[arm]["output_dir"])
-        secs[f"eval_{arm}"] = round(time.perf_counter() - t0, 1)
+        secs[f"eval_{arm}"] = round(secs.get(f"eval_{arm}", 0.0) + time.perf_counter() - t0, 1)  # over reruns
         save()
     from .report import write_report
 
