@@ -215,3 +215,17 @@ def test_calibration_scores_heads_over_every_needle_of_a_task(tiny):
         att = brute_force_attentions(model, r.input_ids)
         ref = torch.stack([a[:, -1, pos].sum(-1).double() for a in att])
         torch.testing.assert_close(scores, ref, atol=1e-5, rtol=0)
+
+
+def test_example_task_files_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "examples" / "niah").glob("*.yaml"))
+    assert len(files) == 4
+    tasks = {f.stem: load_needle(str(f)) for f in files}
+    assert all(not t.single for t in tasks.values())
+    lf = tasks["literal-free"]
+    assert not content_words(lf.needle) & content_words(lf.question)
+    assert not content_words(lf.needle) & content_words(lf.prefix)
+    mk = tasks["multi-key"]
+    assert mk.depths(0)[0] > max(mk.depths(0)[1:])  # its offsets put the real needle after the distractors

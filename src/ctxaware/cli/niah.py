@@ -29,6 +29,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser, NiahConfig)
 
 
+def _threshold(directory: str) -> float:
+    """The effective-length threshold the study of ``directory`` was run with (its manifest), else 0.85."""
+    import json
+    from pathlib import Path
+
+    from ..report.niah import threshold
+
+    try:
+        return threshold(json.loads((Path(directory) / "manifest.json").read_text(encoding="utf-8")).get("config"))
+    except (OSError, ValueError, AttributeError):
+        return threshold(None)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -40,9 +53,12 @@ def _plot(args: argparse.Namespace) -> int:
     directory = args.directory or args.out
     if not directory:
         raise ConfigError("ctxaware niah plot needs a results directory: ctxaware niah plot DIR")
+    if not (Path(directory) / "results.jsonl").is_file() and list(Path(directory).glob("results.shard-*-of-*.jsonl")):
+        raise ConfigError(f"{directory} holds only shard files: rerun the study's command without --shard to merge "
+                          "them first")
     records = read_records(directory)
     modes = list(dict.fromkeys(r["mode"] for r in records))
-    summary = write_summary(directory, records, modes)
+    summary = write_summary(directory, records, modes, threshold=_threshold(directory))
     print(format_table(summary))
     for p in plot_results(directory, records, modes):
         print(f"wrote {Path(p)}")

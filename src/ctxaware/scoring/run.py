@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..distributed import parse_shard, shard_path  # noqa: F401 (parse_shard re-exported: ctxaware.scoring)
+from ..distributed import parse_shard, shard_files, shard_path  # noqa: F401 (parse_shard re-exported)
 from ..errors import ConfigError, InputError, InputFileNotFoundError
 from ..fsio import JsonlAppender, read_jsonl
 from .io import read_rows, write_rows
@@ -192,12 +191,9 @@ def score_dataset(model, tokenizer, source: str | Path, out: str | Path, config:
 def merge_shards(out: str | Path, *, remove: bool = False) -> Path:
     """Join ``OUT.shard-i-of-n.<ext>`` files (all ``n`` of them) into ``OUT`` in input order."""
     out_path = Path(out)
-    pattern = re.compile(re.escape(out_path.stem) + r"\.shard-(\d+)-of-(\d+)" + re.escape(out_path.suffix) + "$")
-    found = {}
-    for p in out_path.parent.glob(f"{out_path.stem}.shard-*-of-*{out_path.suffix}"):
-        m = pattern.fullmatch(p.name)
-        if m:
-            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+    found: dict[int, dict[int, Path]] = {}
+    for index, count, p in shard_files(out_path):
+        found.setdefault(count, {})[index] = p
     if not found:
         raise InputFileNotFoundError(f"no shard files {out_path.stem}.shard-I-of-N{out_path.suffix} "
                                      f"in {out_path.parent}")
