@@ -258,3 +258,16 @@ def test_cli_refuses_in_one_line_and_lists_its_options(base, tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(opt in out for opt in ("--probe", "--target-fraction", "--lora", "--max-steps", "--recipe", "--qa",
                                       "--mtbench-judge-url", "--template-file"))
+
+
+def test_prescored_dataset_is_checked_before_anything_and_not_rescored(tmp_path):
+    rows = [json.loads(line) for line in write_dataset(tmp_path / "plain.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["ctx_scores"] = [0.1 + 0.01 * i]
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SftStudyConfig(dataset=str(scored), out=str(tmp_path / "study"), probe="no/such-probe",
+                         model="no/such-model", target_fraction=None, threshold=0.5, progress=False)
+    with pytest.raises(InputError, match=r"--threshold 0\.5 \(best score seen 0\.2100 over 12 scored turns\)"):
+        run_sft_study(cfg)  # neither model is loaded: the names do not exist
+    assert not (Path(cfg.out) / "data" / "scored.jsonl").exists()

@@ -186,13 +186,15 @@ def run_sft_study(config: SftStudyConfig) -> SftStudyRun:
     if not st.get("data"):
         st["data"] = stages.sample_rows(cfg, seed, data / "input.jsonl")
         save()
+    scored = data / ("input.jsonl" if st["data"].get("scored") else "scored.jsonl")
     if not st.get("score"):
         t0 = time.perf_counter()
-        st["score"] = stages.score(cfg, data / "input.jsonl", data / "scored.jsonl")
+        st["score"] = ({"probe": None, "scores": f"ctx_scores of {cfg.dataset}"} if st["data"].get("scored")
+                       else stages.score(cfg, data / "input.jsonl", scored))
         secs["score"] = round(time.perf_counter() - t0, 1)
         save()
     if not st.get("label"):
-        st["label"] = stages.label(cfg, data / "scored.jsonl", data / "labelled.jsonl", seed=seed,
+        st["label"] = stages.label(cfg, scored, data / "labelled.jsonl", seed=seed,
                                    batch=recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps)
         save()
         logger.info("labelled %d of %d scored turns (%.3f)", st["label"]["labelled_turns"],

@@ -4,7 +4,8 @@ Files under ``DIR/data/``: ``input.jsonl`` (the seeded sample), ``scored.jsonl``
 score``'s output, resumable batch by batch) and ``labelled.jsonl`` (``[IND]`` on the chosen user
 turns, rows in the training order both arms read). A labelling rule that labels nothing is refused
 with the threshold and the best score seen — before scoring when the rule alone shows it (a
-target fraction too small for the number of turns), else right after scoring, always before training.
+target fraction too small for the number of turns, or a dataset that ``ctxaware score`` already
+scored: its scores are used and the probe is not run), else right after scoring, always before training.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def sample_rows(cfg: SftStudyConfig, seed: int, out: Path) -> dict[str, Any]:
     if f is not None and math.floor(f * turns + 0.5) == 0:
         raise InputError(f"--target-fraction {f:g} labels no turn of {turns} answers (round({f:g} x {turns}) = 0); "
                          "raise the fraction or give more data (--max-examples)")
-    if any("ctx_scores" in r for r in usable):  # an already scored file: the threshold is checked now
+    scored = all("ctx_scores" in r for r in usable)
+    if scored:  # an already scored file (ctxaware score): the rule is checked now and the probe not run
         check_labels(cfg, [r.get("ctx_scores") for r in usable])
     write_rows(usable, out)
-    return {"rows_in_file": len(rows), "rows": len(usable), "assistant_turns": turns, "sample_seed": seed}
+    return {"rows_in_file": len(rows), "rows": len(usable), "assistant_turns": turns, "sample_seed": seed,
+            "scored": scored}
 
 
 def score(cfg: SftStudyConfig, source: Path, out: Path) -> dict[str, Any]:
