@@ -341,3 +341,31 @@ def test_study_runs_mtbench_plain_and_steered_into_its_directory(tiny, tmp_path)
     assert "<h2>MT-Bench</h2>" in page and "chat+steer(alpha=0.5,heads=all)" in page
     with pytest.raises(JudgeError, match="unreachable"):
         run_study(cfg.replace(mtbench_judge_url="http://127.0.0.1:9/v1"), model=model, tokenizer=tok)
+
+
+def test_adapter_and_no_template_conditions(tiny, data, tmp_path):
+    """A PEFT adapter directory is loaded over the base it names; --no-template answers from raw text."""
+    peft = pytest.importorskip("peft")
+    from ctxaware.models import load_model
+
+    model, tok = tiny
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(load_model(base, device="cpu", dtype="float32").model,
+                               peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.peft_config["default"].base_model_name_or_path = str(base)
+    lora.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "run"
+    with FakeJudge() as judge:
+        a = run_mtbench(_config(data, out, judge, limit=1, adapter=str(tmp_path / "adapter"), dtype="float32"))
+        raw = run_mtbench(_config(data, out, judge, limit=1, model=str(base), template=False))
+        plain = run_mtbench(_config(data, out, judge, limit=1, model=str(base), dtype="float32"))
+        with pytest.raises(ConfigError, match="not both"):
+            run_mtbench(_config(data, out, judge, adapter=str(tmp_path / "adapter")), model=model, tokenizer=tok)
+    assert a.summary["model"] == raw.summary["model"] == str(base)
+    assert a.summary["condition"] == "chat+adapter=adapter" and raw.summary["condition"] == "raw"
+    assert a.summary["judged"] == raw.summary["judged"] == 2
+    assert {r["condition"] for r in read_mtbench(out)["runs"]} == {"chat+adapter=adapter", "raw", "chat"}
+    assert a.answers[0]["turns"] != plain.answers[0]["turns"]  # the adapter's weights were applied
