@@ -271,3 +271,19 @@ def test_prescored_dataset_is_checked_before_anything_and_not_rescored(tmp_path)
     with pytest.raises(InputError, match=r"--threshold 0\.5 \(best score seen 0\.2100 over 12 scored turns\)"):
         run_sft_study(cfg)  # neither model is loaded: the names do not exist
     assert not (Path(cfg.out) / "data" / "scored.jsonl").exists()
+
+
+def test_verdict_wording_follows_the_numbers():
+    from ctxaware.sftstudy.report import compare
+
+    def cell(v, se, n=6):
+        return {"value": v, "se": se, "n": n}
+
+    assert "c is better (beyond two standard errors, 0.224)" in compare("NIH", "c", cell(0.9, 0.05), "v",
+                                                                          cell(0.5, 0.1)).text
+    assert "c is worse" in compare("NIH", "c", cell(0.5, 0.0), "v", cell(1.0, 0.0)).text
+    assert "no clear difference (within two standard errors, 0.283)" in compare("QA", "c", cell(0.6, 0.1), "v",
+                                                                               cell(0.5, 0.1)).text
+    assert "no difference" in compare("NIH", "c", cell(1.0, 0.0), "v", cell(1.0, 0.0)).text
+    assert "no verdict" in compare("QuAC", "c", cell(1.0, None, 1), "v", cell(0.0, None, 1)).text
+    assert compare("QuAC", "c", cell(None, None, 0), "v", cell(0.0, None, 1)) is None

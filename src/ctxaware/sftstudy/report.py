@@ -43,6 +43,10 @@ def mean_se(values: list[float]) -> tuple[float | None, float | None, int]:
     return mean, math.sqrt(var / n), n
 
 
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
 def _mtbench(arm_dir: Path, arm: str) -> dict[str, Any]:
     """MT-Bench score of an arm: mean ± standard error over its judged turns (``judgments.jsonl``)."""
     from ..fsio import read_jsonl
@@ -78,7 +82,7 @@ def table(out: str | Path) -> dict[str, Any]:
             m = results.get(arm)
             tables = (m.qa.get("chat+ind" if ind else "chat") or {}) if m else {}
             row = next((r for task, r in tables.items() if task.replace("ctxaware_", "").split("_")[0] == ds), None)
-            rows[name][col] = ({"value": row["value"], "se": row.get("stderr"), "n": row.get("n")} if row
+            rows[name][col] = ({"value": row["value"], "se": _finite(row.get("stderr")), "n": row.get("n")} if row
                                else {"value": None, "se": None, "n": 0})
     if state["config"].get("mtbench_judge_url"):
         columns.append("MT-Bench")
@@ -100,13 +104,16 @@ def compare(col: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, 
     if a.get("value") is None or b.get("value") is None:
         return None
     d = a["value"] - b["value"]
-    se = math.sqrt((a.get("se") or 0.0) ** 2 + (b.get("se") or 0.0) ** 2)
-    if se > 0 and abs(d) > 2 * se:
-        verdict = f"{a_name} is {'better' if d > 0 else 'worse'} (beyond two standard errors, {2 * se:.3f})"
-    elif d == 0:
-        verdict = "no difference"
+    if a.get("se") is None or b.get("se") is None:
+        se, verdict = math.nan, "too few samples for a standard error, so no verdict"
     else:
-        verdict = f"no clear difference (within two standard errors, {2 * se:.3f})"
+        se = math.sqrt(a["se"] ** 2 + b["se"] ** 2)
+        if d == 0:
+            verdict = "no difference"
+        elif abs(d) > 2 * se:
+            verdict = f"{a_name} is {'better' if d > 0 else 'worse'} (beyond two standard errors, {2 * se:.3f})"
+        else:
+            verdict = f"no clear difference (within two standard errors, {2 * se:.3f})"
     text = (f"{col}: {a_name} {_fmt(a)} vs {b_name} {_fmt(b)} (n = {a.get('n')} / {b.get('n')}), "
             f"difference {d:+.3f}: {verdict}.")
     return Finding("sft", text, {"column": col, "a": a_name, "b": b_name, "difference": d, "se": se})
