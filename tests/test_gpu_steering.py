@@ -42,5 +42,6 @@ def test_smoke_run_end_to_end(tmp_path):
         assert r["bf16_steered_err"] < 0.1
     llama = [r for r in exact if r["model"] == "llama-1b" and r["alpha"] >= 0.5]
     assert all(r["fp32_steered_calls"].get("thin") for r in llama)  # the 1k prompt went through the correction
-    assert not any(r["bf16_steered_calls"].get("thin") for r in exact)  # CPU half types keep the channels
+    assert llama[0]["alpha"] == 0.95 and llama[0]["bf16_steered_calls"].get("thin")  # bf16 from alpha 0.8
+    assert not any(r["bf16_steered_calls"].get("thin") for r in exact if r["alpha"] < 0.8)
     assert rows[-1]["lse_ops"] and "| llama-1b |" in (tmp_path / "gpu_steering.md").read_text()

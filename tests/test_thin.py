@@ -5,7 +5,7 @@
 * taken only where it is safe: α ≥ 0.5, fp32/fp64 on CPU, causal prefill without a padding mask,
   the fixed-α rule, few down keys, the ``auto`` path;
 * a tiny model steered through it gives the padded channels' logits, and it is what ran;
-* bf16/fp16 through it (what CUDA takes) for α ≥ 0.8: error within 2× plain attention's own,
+* bf16/fp16 through it for α ≥ 0.8: error within 2× plain attention's own,
   against float64, also with an attention sink among the down keys;
 * the dispatch (which log-sum-exp op, eager or compiled correction, thin or channels) for CPU and
   CUDA, with the device faked only at the decision functions; the op fallback chain with a fake call;
@@ -70,6 +70,14 @@ def test_correction_equals_brute_force(dtype, tol):
     assert torch.equal(out[0, :, 2], plain[0, :, 2]) and torch.equal(out[1, :, 3], plain[1, :, 3])
 
 
+def test_correction_by_chunks_of_query_rows(monkeypatch):
+    """Long prompts are corrected CHUNK_ROWS query rows at a time: the same output."""
+    q, k, v, down, coef = _inputs(torch.float32)
+    whole = TH.attention(q, k, v, scaling=0.25, coef=coef, down=down)
+    monkeypatch.setattr(TH, "CHUNK_ROWS", 96)  # 320 rows: chunks of 96, 96, 96, 32
+    torch.testing.assert_close(TH.attention(q, k, v, scaling=0.25, coef=coef, down=down), whole, atol=1e-6, rtol=0)
+
+
 def test_no_down_keys_is_the_plain_kernel():
     q, k, v, _, coef = _inputs(torch.float32)
     down = torch.zeros(2, 320, dtype=torch.bool)
@@ -88,7 +96,7 @@ def test_taken_only_where_safe(monkeypatch):
     assert not TH.wanted(q, k, v, torch.ones(2, 1, 320, 320, dtype=torch.bool), **ok)  # a padding mask
     assert not TH.wanted(q, k, v, None, coef=coef, down=down, is_causal=False)
     assert not TH.wanted(q, k, v, None, **ok, dropout=0.1)
-    assert not TH.wanted(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, **ok)  # half types keep the channels
+    assert not TH.wanted(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, **ok)  # alpha 0.5 in half types
     assert not TH.wanted(q, k, v, None, coef=coef[..., None].expand(2, 4, 320), down=down, is_causal=True)  # share
     assert not TH.wanted(q[:, :, :1], k, v, None, **ok)  # decoding
     many = down.clone()
@@ -153,7 +161,7 @@ def test_half_precision_correction_within_twice_plain_error(dtype):
         plain_err = ((plain.double() - plain_ref).abs().max() / plain_ref.abs().max()).item()
         for alpha in (0.8, 0.9, 0.95):
             coef = torch.full((1, 4), math.log(alpha), dtype=torch.float64)
-            assert _gate(device_type="cuda", dtype=dtype, coef_min=coef.min().item())  # taken on CUDA
+            assert TH.wanted(q, k, v, None, coef=coef, down=down, is_causal=True)
             out = TH.attention(q, k, v, scaling=scaling, coef=coef, down=down, mode="eager")
             assert out is not None and out.dtype == dtype and out.shape == (1, 512, 4, 64)
             ref = _brute(q, k, v, down, coef, scaling)
@@ -171,8 +179,8 @@ def _gate(**over):
 
 
 def test_dispatch_per_device_dtype_alpha_and_down_keys():
-    """Thin or channels, from numbers alone: CPU fp32/fp64 from α 0.5, CUDA half types and fp32
-    from α 0.8, CPU half types, CUDA fp64 and other devices never, never with more than 1/32 of the
+    """Thin or channels, from numbers alone: CPU fp32/fp64 from α 0.5, half types (CPU and CUDA)
+    and CUDA fp32 from α 0.8, CUDA fp64 and other devices never, never with more than 1/32 of the
     keys down."""
     a = math.log
     assert _gate() and _gate(coef_min=a(0.5)) and _gate(dtype=torch.float64, coef_min=a(0.5))
@@ -180,7 +188,7 @@ def test_dispatch_per_device_dtype_alpha_and_down_keys():
     for dtype in (torch.bfloat16, torch.float16):
         assert _gate(device_type="cuda", dtype=dtype, coef_min=a(0.8))
         assert not _gate(device_type="cuda", dtype=dtype, coef_min=a(0.7))
-        assert not _gate(dtype=dtype, coef_min=a(0.95))  # CPU half types keep the channels (CPU_HALF)
+        assert _gate(dtype=dtype, coef_min=a(0.8)) and not _gate(dtype=dtype, coef_min=a(0.7))  # CPU alike
     assert _gate(device_type="cuda", coef_min=a(0.8)) and not _gate(device_type="cuda", coef_min=a(0.5))
     assert not _gate(device_type="cuda", dtype=torch.float64)
     assert not _gate(device_type="mps") and not _gate(device_type="meta")
@@ -204,6 +212,11 @@ def test_log_sum_exp_ops_per_device():
     assert LS.candidates("cuda", torch.bfloat16, 264, 264, False)[0][0] == "cudnn"  # over flash's 256
     assert LS.candidates("cuda", torch.float64, 64, 64, False) == [] and LS.candidates("mps", torch.float32, 64, 64,
                                                                                           False) == []
+    # plain SDPA's own backend goes first: cuDNN (grouped heads as they are, then expanded), then the rest
+    assert LS.candidates("cuda", torch.bfloat16, 64, 64, True, preferred="cudnn") == [
+        ("cudnn", False), ("cudnn", True), ("flash", False), ("flash", True), ("efficient", True)]
+    assert LS.candidates("cuda", torch.bfloat16, 64, 64, True, preferred="efficient")[0] == ("efficient", True)
+    assert LS.sdpa_choice(*_inputs(torch.float32)[:3], 0.25) == "flash"  # CPU: its flash kernel
 
 
 def test_log_sum_exp_fallback_chain(monkeypatch):

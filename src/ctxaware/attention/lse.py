@@ -18,8 +18,8 @@ The thin correction (:mod:`.thin`) needs, for an unmasked causal prefill, the pl
   compute_log_sumexp, dropout_p, is_causal, *, scale) -> (output, log_sumexp (B, H, ⌈T/32⌉·32),
   ...)``, the log-sum-exp padded to a multiple of 32 rows.
 
-:func:`candidates` is the decision (which ops, in order, for a device type / dtype / head dim),
-:func:`plain_with_lse` runs them: the first op whose result passes a one-time check per signature
+:func:`candidates` is the decision (which ops, in order, for a device type / dtype / head dim, the
+backend plain SDPA would pick first: :func:`sdpa_choice`), :func:`plain_with_lse` runs them: the first op whose result passes a one-time check per signature
 wins. The check holds by construction of causal attention: query 0 sees key 0 only, so
 ``L[:, :, 0] = scale · q₀·k₀`` and ``O[:, :, 0] = v₀`` — it catches a log-sum-exp in another base,
 layout or padding. An op that raises, returns other shapes or fails the check is remembered as
@@ -39,14 +39,44 @@ from .kernels import HALF
 logger = logging.getLogger(__name__)
 
 _STATE: dict[tuple, bool] = {}  # (op, expanded, device type, dtype, head dims) -> passed the check
+_PREFERRED: dict[tuple, str | None] = {}  # CUDA (dtype, H, Hkv, D, Dv) -> plain SDPA's backend
 
 
-def candidates(device_type: str, dtype: torch.dtype, head_dim: int, value_dim: int, grouped: bool
-               ) -> list[tuple[str, bool]]:
+def candidates(device_type: str, dtype: torch.dtype, head_dim: int, value_dim: int, grouped: bool,
+               preferred: str | None = None) -> list[tuple[str, bool]]:
     """``[(op, expand_kv), ...]`` to try, in order, for a causal prefill without a mask.
 
-    ``expand_kv``: whether grouped kv heads are repeated to the query heads first (only ops whose
-    kernel cannot take grouped heads, and only when ``grouped``)."""
+    ``expand_kv``: whether grouped kv heads are repeated to the query heads first (cuDNN is tried
+    with them as they are first too, where it is ``preferred``). ``preferred``: the backend plain
+    SDPA picks for these inputs (:func:`sdpa_choice`), whose ops go first, so the steered layer runs
+    the plain layer's kernel family (cuDNN on an H200, measured)."""
+    out = _candidates(device_type, dtype, head_dim, value_dim, grouped)
+    if preferred == "cudnn" and grouped and ("cudnn", True) in out:
+        out.insert(out.index(("cudnn", True)), ("cudnn", False))
+    if preferred is not None:
+        out.sort(key=lambda c: c[0] != preferred)  # stable: the preferred op's tries first, in order
+    return out
+
+
+def sdpa_choice(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> str | None:
+    """The fused backend plain causal SDPA would use (``flash``, ``efficient``, ``cudnn``), from
+    PyTorch's own dispatcher (``torch._fused_sdp_choice``); None where it says math or is missing."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    try:
+        got = int(choose(query, key, value, None, 0.0, True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]))
+    except (RuntimeError, TypeError):
+        return None
+    names = {int(SDPBackend.FLASH_ATTENTION): "flash", int(SDPBackend.EFFICIENT_ATTENTION): "efficient",
+             int(SDPBackend.CUDNN_ATTENTION): "cudnn"}
+    return names.get(got)
+
+
+def _candidates(device_type: str, dtype: torch.dtype, head_dim: int, value_dim: int, grouped: bool
+                ) -> list[tuple[str, bool]]:
     if device_type == "cpu":
         return [("cpu_flash", False)] if head_dim == value_dim else []
     if device_type != "cuda":
@@ -106,7 +136,12 @@ def plain_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     replace it)."""
     h, h_kv = query.shape[1], key.shape[1]
     grouped = h != h_kv
-    for op, expand in candidates(query.device.type, query.dtype, query.shape[-1], value.shape[-1], grouped):
+    dev = query.device.type
+    shape = (query.dtype, h, h_kv, query.shape[-1], value.shape[-1])
+    preferred = _PREFERRED.get(shape) if dev == "cuda" else None
+    if dev == "cuda" and shape not in _PREFERRED:
+        preferred = _PREFERRED[shape] = sdpa_choice(query, key, value, scaling)
+    for op, expand in candidates(dev, query.dtype, query.shape[-1], value.shape[-1], grouped, preferred):
         sig = (op, expand, query.device.type, query.dtype, query.shape[-1], value.shape[-1])
         if _STATE.get(sig) is False:
             continue
@@ -139,3 +174,4 @@ def _fail(sig: tuple, reason: str) -> None:
 def reset() -> None:
     """Forget which ops passed or failed (tests)."""
     _STATE.clear()
+    _PREFERRED.clear()

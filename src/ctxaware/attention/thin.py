@@ -20,8 +20,8 @@ rounding of ``O`` (the kernel's output, in the model's dtype) by it:
   attention's own (1.0–1.5× without a sink); at α = 0.7 it reaches 2.3×, at 0.5 3×. Below it (small
   α in half precision) the channels run. CUDA fp32 takes the same bound: the H200 probe measured
   2.8× plain's error at α = 0.5 with the memory-efficient kernel's log-sum-exp. On CPU, half types
-  keep the channels (:data:`CPU_HALF`): there the 66-wide channels cost 2–5 % of the call, the
-  correction's two thin matmuls as much or more (measured, docs/steering.md).
+  take it too (:data:`CPU_HALF`): a whole-model bf16 prefill at 2k measured 0.968–0.984 of plain
+  with it against 0.947–0.961 with the 66-wide channels (docs/steering.md).
 
 Always: a causal prefill (``Tq = Tk``) without a padding mask, the fixed-α rule, the ``auto`` path,
 at most :data:`MAX_DOWN_FRACTION` of the keys down-weighted, and a device/dtype/head dim some
@@ -44,7 +44,8 @@ from .kernels import HALF
 MIN_ALPHA = 0.5  # smallest α (largest down-weighting) taken through the correction
 HALF_MIN_ALPHA = 0.8  # fp16/bf16: smallest α taken (error within 2x plain's, measured)
 MAX_DOWN_FRACTION = 1 / 32  # most down-weighted keys, as a fraction of the keys
-CPU_HALF = False  # bf16/fp16 on CPU: the channels measured as fast as the correction (docs/steering.md)
+CHUNK_ROWS = 8192  # query rows corrected at a time (bounds the work-dtype temporaries)
+CPU_HALF = True  # bf16/fp16 on CPU too: whole-model prefill measured faster than the channels (docs/steering.md)
 _MIN_COEF = math.log(MIN_ALPHA)
 _HALF_MIN_COEF = math.log(HALF_MIN_ALPHA)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -126,4 +127,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, sc
     kd = key.gather(2, idx[:, None, :, None].expand(b, h_kv, nd, d)).to(work).mul_(scaling)
     vd = value.gather(2, idx[:, None, :, None].expand(b, h_kv, nd, dv)).to(work)
     keep = (-torch.expm1(coef.double())).to(work)  # 1 − α per row and head
-    return FU.correct(out, lse, query, repeat_kv(kd, n_rep), repeat_kv(vd, n_rep), pos, keep, mode=mode)[0]
+    kd, vd = repeat_kv(kd, n_rep), repeat_kv(vd, n_rep)
+    if t <= CHUNK_ROWS:
+        return FU.correct(out, lse, query, kd, vd, pos, keep, mode=mode)[0]
+    res = torch.empty(b, t, h, dv, dtype=out.dtype, device=out.device)
+    for a in range(0, t, CHUNK_ROWS):  # bounded work-dtype temporaries; positions relative to the chunk
+        z = min(t, a + CHUNK_ROWS)
+        res[:, a:z] = FU.correct(out[:, :, a:z], lse[:, :, a:z], query[:, :, a:z], kd, vd, pos - a, keep, mode=mode)[0]
+    return res
