@@ -103,3 +103,26 @@ def attention_roles(att: dict[str, Any], title: str) -> str:
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return to_uri(fig)
+
+
+def user_share_per_layer(atts: dict[str, dict[str, Any]], role: str = "user") -> str:
+    """Share of the answer-predicting query's attention on ``role`` per layer, one line per model
+    (solid: with the template, dashed: without), all in one panel."""
+    require("matplotlib", "report")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 3.6))
+    ax = fig.subplots()
+    for i, (name, att) in enumerate(atts.items()):
+        color = f"C{i}"
+        for cond, dash in (("template", "-"), ("no_template", "--")):
+            shares = (att.get("conditions", {}).get(cond) or {}).get("shares", {}).get(role)
+            if shares:
+                ax.plot(range(len(shares)), shares, dash, color=color, marker="o", markersize=3,
+                        label=f"{name}, {cond.replace('_', ' ')}")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"share of attention on {role}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return to_uri(fig)

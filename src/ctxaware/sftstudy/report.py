@@ -26,6 +26,9 @@ from ..report.html import CSS, _img, _table
 from ..report.verdict import Finding, cells_by_mode
 
 #: Table 3 rows: (row name, arm, NIH/QA with [IND])
+#: short panel names of the heatmaps (the mode is in the figure's title)
+PANELS = {"vanilla": "vanilla", "conditional + [IND]": "conditional +[IND]",
+          "conditional, no [IND] (ablation)": "conditional, no [IND]"}
 ROWS = (("vanilla", "vanilla", False), ("conditional + [IND]", "conditional", True),
         ("conditional, no [IND] (ablation)", "conditional", False))
 QA_NAMES = {"squad": "SQuAD", "quac": "QuAC", "drop": "DROP"}
@@ -92,6 +95,10 @@ def table(out: str | Path) -> dict[str, Any]:
     return {"columns": columns, "rows": rows, "state": state, "results": results}
 
 
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "none"
+
+
 def _fmt(cell: dict[str, Any]) -> str:
     if cell.get("value") is None:
         return "–"
@@ -153,27 +160,29 @@ def _heatmaps(tab: dict[str, Any]) -> list[str]:
         for name, arm, ind in ROWS:
             m = results.get(arm)
             want = canonical_mode(mode + "+ind") if ind else mode
-            rows = [dict(r, mode=f"{name}: {want}") for r in (m.niah if m else []) if r["mode"] == want]
+            rows = [dict(r, mode=PANELS[name]) for r in (m.niah if m else []) if r["mode"] == want]
             if rows:
                 records += rows
-                panels.append(f"{name}: {want}")
+                panels.append(PANELS[name])
         if panels:
             parts.append(_img(charts.heatmaps(records, panels, f"NIH recall, {mode}"), f"NIH heatmaps, {mode}"))
     return parts
 
 
 def _attention(tab: dict[str, Any]) -> list[str]:
-    parts, rows = [], []
+    parts, rows, atts = [], [], {}
     for arm in ("vanilla", "conditional"):
         m = tab["results"].get(arm)
         if not (m and m.attention):
             continue
+        atts[arm] = m.attention
         conds = m.attention["conditions"]
         rows.append([arm] + [f"{100 * conds[c]['mean_shares'].get('user', 0):.1f} %" for c in ("template", "no_template")
                              if c in conds])
         parts.append(_img(charts.attention_roles(m.attention, arm), f"attention by role of {arm}"))
     if rows:
-        parts.insert(0, _table(["arm", "user share, template", "user share, no template"], rows))
+        parts[:0] = [_table(["arm", "user share, template", "user share, no template"], rows),
+                     _img(charts.user_share_per_layer(atts), "attention on the user turn per layer, both arms")]
     return parts
 
 
@@ -202,7 +211,7 @@ def render(out: str | Path) -> str:
             f"<p>Probe {escape(str(state['stages'].get('score', {}).get('probe')))}: "
             f"{lab.get('labelled_turns')} of {lab.get('scored_turns')} scored turns labelled with [IND] "
             f"(fraction {lab.get('fraction_labelled', 0):.3f}, rule {escape(str(lab.get('rule')))}, lowest labelled "
-            f"score {lab.get('threshold')!s}).</p>",
+            f"score {_num(lab.get('threshold'))}, best score {_num(lab.get('best_score'))}).</p>",
             "<h2>Table 3</h2>", _table3(tab),
             "<p class=\"muted\">NIH: mean recall over the grid's cells. QA: contains-match accuracy (lm-eval). "
             "The conditional arm's NIH and QA questions carry [IND] in the second row and not in the third; "
