@@ -72,6 +72,7 @@ class FakeJudge:
         self.seen: list[dict] = []  # every parsed request body
         self.release = threading.Event()
         self.hang_after: int | None = None  # rated replies after which every request hangs until release
+        self.models_sleep = 0.0  # seconds GET /models takes
         self._lock = threading.Lock()
         by_q1 = {q["turns"][0]: q["question_id"] for q in QUESTIONS}
         judge = self
@@ -94,6 +95,8 @@ class FakeJudge:
                     pass
 
             def do_GET(self):
+                if judge.models_sleep:
+                    time.sleep(judge.models_sleep)
                 if self.path.endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": judge.model, "object": "model"}]})
                 else:

@@ -137,6 +137,11 @@ def test_judge_client_fails_fast_when_unreachable_or_refused():
     with FakeJudge() as judge:
         with JudgeClient(judge.base_url, None) as client:
             assert client.check() == "fake-judge"  # the endpoint's only model
+        judge.models_sleep = 1.0  # a slow /models is not an unreachable judge, when the model is named
+        with JudgeClient(judge.base_url, "named", timeout=0.2) as client:
+            assert client.check() == "named"
+        with JudgeClient(judge.base_url, None, timeout=0.2) as client, pytest.raises(JudgeError, match="--judge-model"):
+            client.check()
 
 
 # --- runs -----------------------------------------------------------------------------------------

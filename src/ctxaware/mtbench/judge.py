@@ -75,6 +75,7 @@ class JudgeClient:
                                     limits=httpx.Limits(max_connections=max(1, concurrency)))
         self._lock = threading.Lock()
         self.requests = 0
+        self.check_timeout = min(10.0, float(timeout))
 
     def close(self) -> None:
         self._client.close()
@@ -90,10 +91,17 @@ class JudgeClient:
         the judge model (the endpoint's only model when none was named)."""
         url = self.base_url + "/models"
         try:
-            resp = self._client.get(url, timeout=10.0)
-        except self._httpx.HTTPError as exc:
+            resp = self._client.get(url, timeout=self.check_timeout)
+        except (self._httpx.ConnectError, self._httpx.ConnectTimeout, self._httpx.UnsupportedProtocol,
+                self._httpx.InvalidURL) as exc:
             raise JudgeError(f"the judge at {self.base_url} is unreachable ({type(exc).__name__}: {exc}); start "
                              "it or fix --judge-base-url (e.g. http://127.0.0.1:8000/v1)") from None
+        except self._httpx.HTTPError as exc:  # it accepted the connection: a slow or odd /models is not fatal
+            if not self.model:
+                raise JudgeError(f"no --judge-model given and {url} did not answer ({type(exc).__name__}); pass "
+                                 "--judge-model NAME") from None
+            logger.warning("the judge's %s did not answer (%s); going on", url, type(exc).__name__)
+            return self.model
         if resp.status_code in (401, 403):
             raise JudgeError(f"the judge at {self.base_url} refused the API key (HTTP {resp.status_code}); set "
                              "OPENAI_API_KEY or name the variable with --judge-api-key-env")
