@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError, InputFileNotFoundError
+from ..fsio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def cached_data_dir(*, download: bool = True) -> Path:
             dest = tmp / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             with urllib.request.urlopen(base + remote, timeout=30) as resp:  # noqa: S310 (fixed URL)
-                dest.write_bytes(resp.read())
+                atomic_write_bytes(dest, resp.read())
             if _sha256(dest) != digest:
                 raise InputError(f"{base + remote}: content differs from FastChat's file at the pinned commit "
                                  f"(sha256 {_sha256(dest)[:12]}, expected {digest[:12]}); pass --data-dir DIR")
