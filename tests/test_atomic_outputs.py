@@ -43,8 +43,6 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "into the staging directory out/.ctxaware-save.tmp; _move_in fsyncs and renames each file into place",
     ("models.py", "_convert_gguf", "save_pretrained"):
         "into a temporary directory renamed to the cache path in one os.replace",
-    ("niah/haystack.py", "paul_graham_dir", "write_bytes"):
-        "downloaded essays go to a temporary directory, then are renamed into place",
     ("report/charts.py", "to_uri", "savefig"): "into an in-memory BytesIO (inlined into the HTML page)",
 }
 

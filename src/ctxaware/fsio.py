@@ -245,3 +245,47 @@ def read_jsonl(path: str | Path, *, repair: bool = False, what: str = "results f
             raise InputError(f"{p}:{n + 1}: corrupt line in the {what} ({type(exc).__name__}); delete that line "
                              "(or the file) and rerun") from None
     return records
+
+
+def download_files(target: str | Path, base_url: str, files: dict[str, tuple[str, str | None]], *,
+                   what: str, offline_hint: str, pinned: str = "the pinned file", timeout: float = 30.0) -> Path:
+    """Download ``files`` (name under ``target`` -> (path under ``base_url``, sha256 or None)) into ``target``.
+
+    All files go to a temporary directory beside ``target`` first, are checked against their sha256
+    when one is given, and are then renamed into place, so an interrupted or refused download leaves
+    no partial file in ``target``. A network or file error is one :class:`InputError` line saying what
+    could not be downloaded from where, followed by ``offline_hint``; a hash mismatch names the file and
+    ``pinned`` (where the expected content comes from).
+    """
+    import hashlib
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    target = Path(target)
+    if not base_url.endswith("/"):
+        base_url += "/"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+    try:
+        for name, (remote, digest) in files.items():
+            dest = tmp / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with urllib.request.urlopen(base_url + remote, timeout=timeout) as resp:  # noqa: S310 (fixed URL)
+                atomic_write_bytes(dest, resp.read())
+            got = hashlib.sha256(dest.read_bytes()).hexdigest()
+            if digest is not None and got != digest:
+                raise InputError(f"{base_url + remote}: content differs from {pinned} (sha256 {got[:12]}, "
+                                 f"expected {digest[:12]}); {offline_hint}")
+        for name in files:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, target / name)
+        _fsync_dir(target)
+    except InputError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise InputError(f"could not download {what} from {base_url} ({exc}); you may be offline: "
+                         f"{offline_hint}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

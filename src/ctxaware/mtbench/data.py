@@ -18,15 +18,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError, InputFileNotFoundError
-from ..fsio import atomic_write_bytes
+from ..fsio import download_files
 
 logger = logging.getLogger(__name__)
 
@@ -151,32 +148,9 @@ def cached_data_dir(*, download: bool = True) -> Path:
     if not download:
         raise InputFileNotFoundError(f"the MT-Bench data is not in {target}")
     base = os.environ.get(DATA_URL_ENV) or DATA_URL
-    if not base.endswith("/"):
-        base += "/"
     logger.warning("downloading the MT-Bench questions, judge prompts and reference answers into %s", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="mtbench.tmp-", dir=target.parent))
-    try:
-        for name, (remote, digest) in DATA_FILES.items():
-            dest = tmp / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(base + remote, timeout=30) as resp:  # noqa: S310 (fixed URL)
-                atomic_write_bytes(dest, resp.read())
-            if _sha256(dest) != digest:
-                raise InputError(f"{base + remote}: content differs from FastChat's file at the pinned commit "
-                                 f"(sha256 {_sha256(dest)[:12]}, expected {digest[:12]}); pass --data-dir DIR")
-        for name in DATA_FILES:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / name, target / name)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"could not download the MT-Bench data from {base} ({exc}); you may be offline: pass "
-                         "--data-dir DIR (FastChat's llm_judge/data/mt_bench layout)") from exc
-    finally:
-        for f in sorted(tmp.rglob("*"), reverse=True):
-            f.rmdir() if f.is_dir() else f.unlink()
-        tmp.rmdir()
+    download_files(target, base, DATA_FILES, what="the MT-Bench data", pinned="FastChat's file at the pinned commit",
+                   offline_hint="pass --data-dir DIR (FastChat's llm_judge/data/mt_bench layout)")
     return target
 
 

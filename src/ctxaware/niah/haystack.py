@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError, InputFileNotFoundError
+from ..fsio import download_files
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +67,10 @@ def paul_graham_dir(*, download: bool = True) -> Path:
     if not download:
         raise InputFileNotFoundError(f"the Paul Graham essays are not in {target}")
     base = os.environ.get(PAUL_GRAHAM_URL_ENV) or PAUL_GRAHAM_URL
-    if not base.endswith("/"):
-        base += "/"
     logger.warning("downloading the %d Paul Graham essays into %s", len(PAUL_GRAHAM_FILES), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="paul_graham.tmp-", dir=target.parent))
-    try:
-        for name in PAUL_GRAHAM_FILES:
-            with urllib.request.urlopen(base + name + ".txt", timeout=30) as resp:  # noqa: S310 (fixed URL)
-                (tmp / f"{name}.txt").write_bytes(resp.read())
-        target.mkdir(exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, target / f.name)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise InputError(f"could not download the Paul Graham essays from {base} ({exc}); you may be offline: "
-                         f"use --haystack builtin or a directory of .txt files") from exc
-    finally:
-        for f in tmp.glob("*"):
-            f.unlink()
-        tmp.rmdir()
+    download_files(target, base, {f"{n}.txt": (f"{n}.txt", None) for n in PAUL_GRAHAM_FILES},
+                   what="the Paul Graham essays",
+                   offline_hint="use --haystack builtin or a directory of .txt files")
     return target
 
 
