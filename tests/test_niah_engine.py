@@ -148,3 +148,28 @@ def test_bad_arguments_raise(setup):
             GreedyEngine(model, tok, 4, **kw)
     with pytest.raises(ValueError):
         GreedyEngine(model, tok, 0)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_truncated_flag_matches_generate(setup, sliding_window):
+    """A job is ``truncated`` exactly when generate's own answer used the whole budget without an end token."""
+    tok, hay = setup
+    model = _model(len(tok), seed=3, sliding_window=sliding_window)
+    jobs = _jobs(tok, hay, modes=("chat",), lengths=(200, 320), depths=(0, 40, 100))
+    ids = torch.tensor([jobs[4].rendered.input_ids])
+    with torch.inference_mode():
+        model.generation_config.eos_token_id = int(model(ids).logits[0, -1].argmax())  # job 4 ends at once
+    gen_cfg = greedy_generation_config(model, tok, 10)
+    eos = gen_cfg.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    expected = {}
+    for job in jobs:
+        x = torch.tensor([job.rendered.input_ids])
+        with torch.inference_mode():
+            new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen_cfg)[0, x.shape[1]:]
+        new = new.tolist()
+        expected[job.tag] = (len(new) == 10 and new[-1] not in eos, len(new))
+    seen = {}
+    GreedyEngine(model, tok, 10, batch_size=6, chunk=50).run(jobs, lambda j, a: seen.__setitem__(j.tag, (j.truncated, j.new_tokens)))
+    assert seen == expected
+    assert {t for t, _ in expected.values()} == {True, False}  # both kinds occur

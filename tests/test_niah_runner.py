@@ -75,8 +75,11 @@ def test_records_account_for_lengths_and_scores(tiny, tmp_path):
         assert abs(r["tokens"] - (r["length"] - min(200, r["length"] // 2) + overhead[r["mode"]])) <= 4
         assert 0.0 <= r["recall"] <= 1.0 and len(r["prompt_sha256"]) == 64
         assert ("prefix" in r) == r["mode"].endswith("prefix")
+        # the random tiny model never emits its end token in 6 steps: every answer is cut by the budget
+        assert r["truncated"] is True and r["answer_tokens"] == 6
     summary = json.loads((tmp_path / "summary.json").read_text())["modes"]
     assert set(summary) == {"raw", "raw+prefix"}
+    assert all(s["truncated_cells"] == s["cells"] and s["longest_answer_tokens"] == 6 for s in summary.values())
     assert (tmp_path / "summary.md").read_text().count("|") > 10
 
 

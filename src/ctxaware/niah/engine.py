@@ -56,6 +56,8 @@ class Job:
     first_token: int = -1
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     seconds: float = 0.0
+    new_tokens: int = 0  # tokens generated (the end-of-sequence token included when reached)
+    truncated: bool = False  # stopped by max_new_tokens, not by an end-of-sequence token
 
 
 class GreedyEngine:
@@ -130,7 +132,8 @@ class GreedyEngine:
 
     def run(self, jobs: Sequence[Job], on_done: Callable[[Job, str], None]) -> None:
         """Answer every job; ``on_done(job, answer)`` is called as soon as a job's answer ends
-        (``job.seconds`` holds its prefill time plus its share of each decoding step it took part in)."""
+        (``job.seconds`` holds its prefill time plus its share of each decoding step it took part in,
+        ``job.new_tokens`` the tokens it generated, ``job.truncated`` whether ``max_new_tokens`` stopped it)."""
         if not self.shareable:
             for job in jobs:
                 t0 = time.perf_counter()
@@ -231,6 +234,7 @@ class GreedyEngine:
 
         def report(rows: list[int]) -> None:
             for r in rows:
+                self._finish(jobs[r], tokens[r])
                 on_done(jobs[r], self._decode_text(tokens[r]))
 
         active = [r for r in range(n) if _decoding(tokens[r], self.eos, self.max_new_tokens)]
@@ -269,6 +273,11 @@ class GreedyEngine:
                     attn, pos, step_input = attn[keep], pos[keep], step_input[keep]
         self.decode_seconds += time.perf_counter() - t0
 
+    def _finish(self, job: Job, tokens: list[int]) -> None:
+        """Record how many tokens ``job`` generated and whether the budget, not an end token, stopped it."""
+        job.new_tokens = len(tokens)
+        job.truncated = bool(tokens) and tokens[-1] not in self.eos and len(tokens) >= self.max_new_tokens
+
     @staticmethod
     def _select(cache: Any, rows: list[int]) -> None:
         """Keep only ``rows`` of every layer of a batched cache."""
@@ -281,7 +290,12 @@ class GreedyEngine:
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       generation_config=self.generation_config)
         self.prefilled_tokens += ids.shape[1]
-        return self._decode_text(out[0, ids.shape[1]:].tolist())
+        tokens = out[0, ids.shape[1]:].tolist()
+        pad = self.generation_config.pad_token_id
+        while len(tokens) > 1 and tokens[-1] == pad and tokens[-2] in self.eos:
+            tokens.pop()  # generate pads after the end token only in batches; be safe
+        self._finish(job, tokens)
+        return self._decode_text(tokens)
 
 
 class BufferLayer(DynamicLayer):

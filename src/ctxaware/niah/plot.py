@@ -28,6 +28,11 @@ def _grid(records: Sequence[dict[str, Any]], mode: str):
     return lengths, depths, values
 
 
+def _truncated(records: Sequence[dict[str, Any]], mode: str) -> set[tuple[float, int]]:
+    """(depth, length) of the mode's cells whose answer stopped at max_new_tokens."""
+    return {(r["depth"], r["length"]) for r in records if r["mode"] == mode and r.get("truncated")}
+
+
 def _draw(ax: Any, cmap: Any, records: Sequence[dict[str, Any]], mode: str, annotate: bool) -> Any:
     import numpy as np
 
@@ -39,14 +44,18 @@ def _draw(ax: Any, cmap: Any, records: Sequence[dict[str, Any]], mode: str, anno
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth (%)")
     err = 1.0 - float(np.nanmean(data)) if np.isfinite(data).any() else float("nan")
-    ax.set_title(f"{mode}  (avg recall error {err:.3f})", fontsize=10)
+    cut = _truncated(records, mode)
+    ax.set_title(f"{mode}  (avg recall error {err:.3f})" + (f"\n* {len(cut)} answer(s) cut by the token budget"
+                                                            if cut else ""), fontsize=10)
     if annotate:
         size = 8 if len(lengths) <= 10 else 5
         for i in range(len(depths)):
             for j in range(len(lengths)):
                 if np.isfinite(data[i, j]):
-                    ax.text(j, i, f"{data[i, j]:.2f}".rstrip("0").rstrip(".") if data[i, j] not in (0, 1)
-                            else f"{data[i, j]:.0f}", ha="center", va="center", fontsize=size, color="black")
+                    mark = "*" if (depths[i], lengths[j]) in cut else ""
+                    ax.text(j, i, (f"{data[i, j]:.2f}".rstrip("0").rstrip(".") if data[i, j] not in (0, 1)
+                                   else f"{data[i, j]:.0f}") + mark, ha="center", va="center", fontsize=size,
+                            color="black")
     return im
 
 

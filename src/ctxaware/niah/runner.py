@@ -44,6 +44,8 @@ class Cell:
     key: str = ""
     prompt: Prompt | None = None
     placement: Any = None
+    truncated: bool | None = None  # set by the engine: the answer stopped at max_new_tokens
+    answer_tokens: int | None = None
 
 
 @dataclass
@@ -114,6 +116,8 @@ def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, hayst
         "prompt_sha256": hashlib.sha256(r.text.encode("utf-8")).hexdigest(),
         "answer": answer, "recall": recall(answer, needle.keywords),
     }
+    if cell.truncated is not None:  # cut by the token budget: not evidence about the template or steering
+        rec["truncated"], rec["answer_tokens"] = bool(cell.truncated), cell.answer_tokens
     if cell.prompt.prefix:
         rec["prefix"] = cell.prompt.prefix
     if cell.prompt.steer:
@@ -237,6 +241,7 @@ def _generate(cfg: NiahConfig, model: Any, tokenizer: Any, todo: list[Cell], ste
 
     def finished(job: Job, answer: str) -> None:
         cell = job.tag
+        cell.truncated, cell.answer_tokens = job.truncated, job.new_tokens
         bar.set_postfix_str(f"{cell.mode} L={cell.length} d={cell.depth:g}")
         done_cb(cell, answer, job.seconds)
         bar.update(1)

@@ -94,6 +94,9 @@ def summarize(records: Iterable[dict[str, Any]], modes: Sequence[str] | None = N
         }
         if any("distracted" in r for r in rows):
             out[mode]["distracted_cells"] = sum(1 for r in rows if r.get("distracted"))
+        if any("truncated" in r for r in rows):  # answers cut by max_new_tokens (records since the flag exists)
+            out[mode]["truncated_cells"] = sum(1 for r in rows if r.get("truncated"))
+            out[mode]["longest_answer_tokens"] = max(int(r.get("answer_tokens") or 0) for r in rows)
     return out
 
 
@@ -113,6 +116,10 @@ def format_table(summary: dict[str, dict[str, Any]], *, markdown: bool = False) 
         head.insert(5, "distracted")
         for row, s in zip(rows, summary.values()):
             row.insert(5, f"{s.get('distracted_cells', 0)}/{s['cells']}")
+    if any(s.get("truncated_cells") for s in summary.values()):
+        head.insert(len(head) - 1, "cut by budget")
+        for row, s in zip(rows, summary.values()):
+            row.insert(len(row) - 1, f"{s.get('truncated_cells', 0)}/{s['cells']}")
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
