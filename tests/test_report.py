@@ -58,6 +58,19 @@ def _lost(cells):
     return {c for c, v in cells.items() if v != 1.0}
 
 
+def _mcnemar_p(first, second) -> float:
+    """Exact McNemar p-value, independently: the probability of every split of the discordant cells no more
+    likely than the observed one, under a fair coin (exact fractions)."""
+    from fractions import Fraction
+    from math import comb
+
+    up = sum(1 for c in first if first[c] == 1.0 and second[c] != 1.0)
+    down = sum(1 for c in first if first[c] != 1.0 and second[c] == 1.0)
+    d = up + down
+    probs = [Fraction(comb(d, i), 2 ** d) for i in range(d + 1)]
+    return float(sum(q for q in probs if q <= probs[up]))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_verdict_sentences_state_independently_counted_numbers(tmp_path, seed):
     d = write_niah_dir(tmp_path / "n", "m", seed)
@@ -72,8 +85,13 @@ def test_verdict_sentences_state_independently_counted_numbers(tmp_path, seed):
     assert f"(chat+prefix) the model loses the needle in {chat_lost} of {n} cells" in tmpl
     assert f"(raw+prefix) in {raw_lost} of {n} cells" in tmpl
     diff = chat_lost - raw_lost
-    if diff > 0:
-        assert f"the template costs {diff} cell" in tmpl
+    if diff > 0:  # the wording follows the test (exact McNemar, recomputed by brute force)
+        assert (f"the template costs {diff} cell" in tmpl) == (_mcnemar_p(c["raw+prefix"], c["chat+prefix"]) < 0.05)
+        assert (f"{diff} cell{'s' if diff > 1 else ''} more lost with the template, within chance" in tmpl) == (
+            _mcnemar_p(c["raw+prefix"], c["chat+prefix"]) >= 0.05)
+    p = _mcnemar_p(c["raw+prefix"], c["chat+prefix"])
+    assert f"p = {p:.2f}" in tmpl or f"p = {p:.3f}" in tmpl or (p < 0.001 and "p = < 0.001" in tmpl)
+    assert ("no difference detected at n = 20" in tmpl) == (p >= 0.05)
     steer = by_kind["steering"][0]
     recovered = len(_lost(c["chat+prefix"]) - _lost(c["chat+prefix+steer"]))
     assert f"recovers {recovered} of the {chat_lost} cells chat+prefix loses" in steer
@@ -81,6 +99,8 @@ def test_verdict_sentences_state_independently_counted_numbers(tmp_path, seed):
     assert "α = 0.9" in steer
     newly = len(_lost(c["chat+prefix+steer"]) - _lost(c["chat+prefix"]))
     assert (f"loses {newly} it found" in steer) == (newly > 0)
+    ps = _mcnemar_p(c["chat+prefix+steer"], c["chat+prefix"])
+    assert f"{recovered - newly:+d} cells" in steer and ("no difference detected" in steer) == (ps >= 0.05)
     prefix = by_kind["prefix"][0]
     mean = sum(c["chat"].values()) / n
     assert f"(chat) the model loses the needle in {len(_lost(c['chat']))} of {n}" in prefix
@@ -176,3 +196,28 @@ def test_niah_command_in_provenance_reproduces_the_config():
     cmd = niah_command(cfg.to_dict(), Path("runs/x"))
     args = build_parser().parse_args(shlex.split(cmd)[1:])
     assert config_from_args(NiahConfig, args).to_dict() == cfg.to_dict()
+
+
+def test_verdict_names_answers_cut_by_the_budget(tmp_path):
+    """Cells that differ only through answers cut at max_new_tokens are not attributed to the template."""
+    d = tmp_path / "n"
+    d.mkdir()
+    rows = []
+    for i, dep in enumerate(range(0, 100, 5)):  # 20 cells
+        for mode in ("raw+prefix", "chat+prefix"):
+            cut = mode == "chat+prefix" and i < 7  # the template's answers run longer and get cut in 7 cells
+            rows.append({"key": f"{mode}{dep}", "model": "m", "mode": mode, "needle": "SF", "haystack": "h",
+                         "length": 1000, "tokens": 990, "depth": dep, "answer": "…",
+                         "recall": 0.5 if cut else 1.0, "truncated": cut, "answer_tokens": 24 if cut else 12})
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "manifest.json").write_text(json.dumps({"study": {"model": "m"}, "config": {"model": "m"}}))
+    (m,) = load_results([d])
+    found = {f.kind: f for f in findings(m)}
+    tmpl = found["template"]
+    assert tmpl.numbers["test"]["significant"]  # 7 of 7 one way: p = 2/128 without looking at the cut
+    assert "7 of the 7 cells that differ hold an answer cut by the 24-token budget" in tmpl.text
+    assert "without them +0 cells, p = 1.00: no difference detected at n = 13" in tmpl.text
+    assert "--max-new-tokens 48" in tmpl.text and "the template costs" not in tmpl.text
+    assert "7 cells more lost with the template, made of answers cut by the token budget" in tmpl.text
+    assert tmpl.numbers["test_without_truncated"]["p"] == 1.0
+    assert "chat+prefix 7/20" in found["truncated"].text and "raw+prefix 0/20" in found["truncated"].text

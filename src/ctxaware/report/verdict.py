@@ -8,10 +8,12 @@ independently from the result files.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..niah.config import parse_mode
+from .. import stats
 
 Cell = tuple[int, float]
 
@@ -51,6 +53,67 @@ def where(cells: set[Cell], among: set[Cell] | None = None) -> str:
     return f"all at ≥ {lmin} tokens and depths ≤ {dmax:g} %"
 
 
+def truncated_by_mode(records: Sequence[dict[str, Any]]) -> dict[str, set[Cell]]:
+    """``{mode: cells whose answer stopped at max_new_tokens}`` (records without the flag count as not cut)."""
+    out: dict[str, set[Cell]] = {}
+    for r in records:
+        if r.get("truncated"):
+            out.setdefault(r["mode"], set()).add((int(r["length"]), float(r["depth"])))
+    return out
+
+
+def budget(records: Sequence[dict[str, Any]]) -> int | None:
+    """The decoding budget the cut answers ran into (their token count), when any answer was cut."""
+    cut = [int(r.get("answer_tokens") or 0) for r in records if r.get("truncated")]
+    return max(cut) if cut else None
+
+
+def mde_phrase(n: int) -> str:
+    """What a grid of ``n`` paired cells can detect (exact McNemar, 80 % power, all discordant cells one way)."""
+    mde = stats.mde_proportions(n)
+    if mde == float("inf"):
+        return f"with {n} cells no difference can reach p < 0.05"
+    return (f"at n = {n} only a difference of ≥ {math.ceil(mde * n - 1e-9)} cells ({mde:.2f}) is detected with "
+            f"80 % power")
+
+
+def paired_test(first: dict[Cell, float], second: dict[Cell, float], common: set[Cell],
+                cut: set[Cell] = frozenset(), budget_tokens: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The exact McNemar test of found/lost over ``common`` cells (effect = found in ``first`` − found in
+    ``second``), with the mean-recall permutation test; when cells that differ hold answers cut by the token
+    budget (``cut``), they are named, the test is repeated without them, and a budget that would do is given."""
+    order = sorted(common)
+    a = [1 if first[c] >= 1.0 else 0 for c in order]
+    b = [1 if second[c] >= 1.0 else 0 for c in order]
+    t = stats.mcnemar(a, b)
+    r = stats.paired_mean([first[c] for c in order], [second[c] for c in order])
+    n = len(order)
+    diff = t.extra["first_only"] - t.extra["second_only"]
+    text = (f" Exact McNemar over the {n} paired cells: {diff:+d} cells ({t.effect:+.2f}, 95 % CI "
+            f"{t.ci[0]:+.2f} to {t.ci[1]:+.2f}, p = {stats.format_p(t.p)})")
+    nums: dict[str, Any] = {"test": t.to_dict(), "recall_test": r.to_dict(), "mde": stats.mde_proportions(n)}
+    decisive, m = t, n
+    differ = {c for c, x, y in zip(order, a, b) if x != y}
+    cut_differ = differ & set(cut)
+    if cut_differ:
+        keep = [c for c in order if c not in cut_differ]
+        decisive = stats.mcnemar([1 if first[c] >= 1.0 else 0 for c in keep],
+                                 [1 if second[c] >= 1.0 else 0 for c in keep])
+        m = len(keep)
+        more = f", e.g. --max-new-tokens {2 * budget_tokens}," if budget_tokens else ""
+        text += (f"; {len(cut_differ)} of the {len(differ)} cells that differ hold an answer cut by the "
+                 f"{budget_tokens or 'decoding'}-token budget ({where(cut_differ)}), not evidence either way "
+                 f"(a larger budget{more} would tell); without them "
+                 f"{decisive.extra['first_only'] - decisive.extra['second_only']:+d} cells, p = "
+                 f"{stats.format_p(decisive.p)}")
+        nums.update(truncated_differ=len(cut_differ), test_without_truncated=decisive.to_dict())
+    nums["decisive"] = decisive.to_dict()
+    verdict = "significant at the 5 % level" if decisive.significant else f"no difference detected at n = {m}"
+    text += (f": {verdict}; mean recall {r.effect:+.3f} (permutation p = {stats.format_p(r.p)}); "
+             f"{mde_phrase(n)}.")
+    return text, nums
+
+
 def _counterpart(mode: str, drop: str) -> str | None:
     base, flags = parse_mode(mode)
     if drop == "template":
@@ -66,6 +129,7 @@ def _lost_phrase(n: int, total: int, cells: set[Cell], among: set[Cell] | None =
 def niah_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
     """Template, steering, response-prefix and length findings of one model's NIH records."""
     by = cells_by_mode(records)
+    cut, tokens = truncated_by_mode(records), budget(records)
     out: list[Finding] = []
     for mode in by:
         base, flags = parse_mode(mode)
@@ -76,14 +140,20 @@ def niah_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
             common = set(by[mode]) & set(by[raw])
             a, b = lost(by[mode], common), lost(by[raw], common)
             diff = len(a) - len(b)
-            effect = (f"the template costs {diff} cell{'s' if diff != 1 else ''}" if diff > 0 else
-                      "the template costs nothing on this grid" if diff == 0 else
-                      f"the template helps by {-diff} cell{'s' if diff != -1 else ''}")
+            test, nums = paired_test(by[raw], by[mode], common, cut.get(mode, set()) | cut.get(raw, set()), tokens)
+            cells = f"{abs(diff)} cell{'s' if abs(diff) != 1 else ''}"
+            effect = ("the template costs nothing on this grid" if diff == 0 else
+                      f"{cells} {'more' if diff > 0 else 'fewer'} lost with the template, made of answers cut by "
+                      "the token budget" if nums.get("truncated_differ") and not nums["decisive"]["significant"] else
+                      f"{cells} {'more' if diff > 0 else 'fewer'} lost with the template, within chance"
+                      if not nums["decisive"]["significant"] else
+                      f"the template costs {cells}" if diff > 0 else f"the template helps by {cells}")
             out.append(Finding("template", f"With its chat template ({mode}) the model loses the needle in "
                                f"{_lost_phrase(len(a), len(common), a, common)}; without the template ({raw}) in "
-                               f"{_lost_phrase(len(b), len(common), b, common)}: {effect}.",
+                               f"{_lost_phrase(len(b), len(common), b, common)}: {effect}." + test,
                                {"mode": mode, "other": raw, "cells": len(common), "lost": len(a),
-                                "lost_other": len(b), "lost_cells": sorted(a), "lost_other_cells": sorted(b)}))
+                                "lost_other": len(b), "lost_cells": sorted(a), "lost_other_cells": sorted(b),
+                                **nums}))
     for mode in by:
         if "steer" not in parse_mode(mode)[1]:
             continue
@@ -96,12 +166,13 @@ def niah_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
         alpha = next((r.get("alpha") for r in records if r["mode"] == mode and "alpha" in r), None)
         heads = next((r.get("heads") for r in records if r["mode"] == mode and "heads" in r), None)
         how = f" (α = {alpha:g}, heads {heads})" if alpha is not None else ""
+        test, nums = paired_test(by[mode], by[plain], common, cut.get(mode, set()) | cut.get(plain, set()), tokens)
         out.append(Finding("steering", f"Steering{how} recovers {len(rec)} of the {len(a)} cells {plain} loses"
                            + (f" ({where(rec)})" if rec and len(rec) <= 3 else "")
                            + (f" and loses {len(new)} it found ({where(new)})" if new else "")
-                           + f": {mode} loses {len(b)} of {len(common)}.",
+                           + f": {mode} loses {len(b)} of {len(common)}." + test,
                            {"mode": mode, "other": plain, "cells": len(common), "recovered": len(rec),
-                            "lost_other": len(a), "newly_lost": len(new), "lost": len(b)}))
+                            "lost_other": len(a), "newly_lost": len(new), "lost": len(b), **nums}))
     for mode in by:
         base, flags = parse_mode(mode)
         if "prefix" in flags or "steer" in flags:
@@ -112,11 +183,13 @@ def niah_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
         common = set(by[mode]) & set(by[with_prefix])
         a, b = lost(by[mode], common), lost(by[with_prefix], common)
         mean = sum(by[mode][c] for c in common) / max(1, len(common))
+        test, nums = paired_test(by[with_prefix], by[mode], common,
+                                 cut.get(mode, set()) | cut.get(with_prefix, set()), tokens)
         out.append(Finding("prefix", f"Without the response prefix ({mode}) the model loses the needle in "
                            f"{_lost_phrase(len(a), len(common), a, common)} (mean recall {mean:.2f}), "
-                           f"with it ({with_prefix}) in {len(b)}.",
+                           f"with it ({with_prefix}) in {len(b)}." + test,
                            {"mode": mode, "other": with_prefix, "cells": len(common), "lost": len(a),
-                            "lost_other": len(b), "mean_recall": mean}))
+                            "lost_other": len(b), "mean_recall": mean, **nums}))
     if len(by) > 1:
         common = set.intersection(*(set(v) for v in by.values()))
         everywhere = set.intersection(*(lost(v, common) for v in by.values())) if common else set()
@@ -124,6 +197,12 @@ def niah_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
             out.append(Finding("length", f"Every mode loses the needle in {_lost_phrase(len(everywhere), len(common), everywhere, common)}: "
                                "a limit of the model at that length, not an effect of the template.",
                                {"cells": len(common), "lost": len(everywhere), "lost_cells": sorted(everywhere)}))
+    if cut:
+        per = ", ".join(f"{m} {len(cut.get(m, ()))}/{len(by[m])}" for m in by)
+        out.append(Finding("truncated", f"Answers cut by the {tokens}-token budget (they stopped at max_new_tokens, "
+                           f"not at an end token): {per}. A cell lost with a cut answer says nothing about the "
+                           f"template or steering; rerun with a larger --max-new-tokens (e.g. {2 * (tokens or 0)}).",
+                           {"truncated": {m: len(cut.get(m, ())) for m in by}, "budget": tokens}))
     if not out:
         for mode, cells in by.items():
             a = lost(cells)
