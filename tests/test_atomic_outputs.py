@@ -41,7 +41,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
         "into a temporary directory; each file is fsynced and renamed into place",
     ("training/trainer.py", "save_trained", "save_model"):
         "into the staging directory out/.ctxaware-save.tmp; _move_in fsyncs and renames each file into place",
-    ("models.py", "_convert_gguf", "save_pretrained"):
+    ("models.py", "save_pretrained_atomic", "save_pretrained"):
         "into a temporary directory renamed to the cache path in one os.replace",
     ("report/charts.py", "to_uri", "savefig"): "into an in-memory BytesIO (inlined into the HTML page)",
 }

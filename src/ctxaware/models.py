@@ -209,11 +209,17 @@ def _convert_gguf(path: Path, target: Path) -> None:
     except Exception as exc:  # struct.error, ValueError, KeyError, ... from a corrupt or truncated file
         raise corrupt_model_error(path, exc) from exc
     _clear_quantization(model)
+    save_pretrained_atomic(target, model, tokenizer)
+
+
+def save_pretrained_atomic(target: Path, *objects: Any) -> None:
+    """``save_pretrained`` of each object (model, tokenizer) into a temporary directory renamed to
+    ``target`` in one ``os.replace`` (a concurrent writer that wins the race is kept)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        for obj in objects:
+            obj.save_pretrained(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race

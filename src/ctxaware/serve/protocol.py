@@ -172,6 +172,18 @@ def parse_steering(value: Any, default: SteeringConfig | None) -> tuple[Steering
     return (config if config.active else None), "request", indicator
 
 
+def append_indicator(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``ctxaware.indicator``: the messages with ``[IND]`` appended to the last user turn (once)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise invalid("ctxaware.indicator needs a user message to append " + INDICATOR + " to", "ctxaware.indicator")
+    out = list(messages)
+    last = out[users[-1]]
+    if not last["content"].rstrip().endswith(INDICATOR):
+        out[users[-1]] = {**last, "content": last["content"] + " " + INDICATOR}
+    return out
+
+
 def parse_request(body: Any, default_steering: SteeringConfig | None = None) -> ChatRequest:
     """Validate a decoded request body; raises :class:`APIError` (status 400) naming the bad field."""
     if not isinstance(body, dict):
@@ -210,13 +222,7 @@ def parse_request(body: Any, default_steering: SteeringConfig | None = None) -> 
     steering, source, indicator = parse_steering(body.get("ctxaware"), default_steering)
     messages = parse_messages(body.get("messages"))
     if indicator:
-        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        if not users:
-            raise invalid("ctxaware.indicator needs a user message to append " + INDICATOR + " to",
-                          "ctxaware.indicator")
-        last = messages[users[-1]]
-        if not last["content"].rstrip().endswith(INDICATOR):
-            messages[users[-1]] = {**last, "content": last["content"] + " " + INDICATOR}
+        messages = append_indicator(messages)
     return ChatRequest(messages=messages, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
                        top_p=_number(body, "top_p", 1.0, 0, 1), seed=seed, stop=_stops(body.get("stop")),
                        stream=stream, include_usage=bool(options.get("include_usage")), steering=steering,

@@ -9,14 +9,11 @@ role spans work) for fast tests; vLLM's CPU kernel needs a head size of at least
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from ..models import cache_dir, load_tokenizer, resolve_model_path
+from ..models import cache_dir, load_tokenizer, resolve_model_path, save_pretrained_atomic
 
 TINY = {
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
@@ -45,8 +42,6 @@ def tiny_model_dir(family: str = "llama", *, layers: int = 2, heads: int = 4, kv
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
             "tie_word_embeddings": True, "torch_dtype": "float32", **overrides}
     key = json.dumps({**spec, "seed": seed}, sort_keys=True)
-    import hashlib
-
     target = cache_dir() / "vllm-tiny" / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return str(target)
@@ -54,16 +49,5 @@ def tiny_model_dir(family: str = "llama", *, layers: int = 2, heads: int = 4, kv
     config = AutoConfig.for_model(model_type, **{k: v for k, v in spec.items() if k != "torch_dtype"})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_pretrained_atomic(target, model, tok)
     return str(target)
