@@ -52,11 +52,12 @@ def test_documented_commands_one_after_the_other_reuse_cells(tiny, tmp_path):
 
 def test_other_study_refused_and_overwrite_discards_only_conflicts(tiny, tmp_path):
     _run(tiny, _cfg(tmp_path, modes="chat"))
-    for change in ({"max_new_tokens": 5}, {"needle": "pizza"}, {"dtype": "bfloat16"}, {"reserve": 100}):
-        with pytest.raises(ConfigError, match="different study"):
+    for change, name in (({"max_new_tokens": 5}, "decoding.max_new_tokens"), ({"needle": "pizza"}, "extra.needle.keywords"),
+                         ({"reserve": 100}, "extra.reserve"), ({"batch_size": 3}, "batch.batch_size")):
+        with pytest.raises(ConfigError, match=f"another configuration: {name} is"):
             _run(tiny, _cfg(tmp_path, modes="chat", **change))
     again = _run(tiny, _cfg(tmp_path, modes="chat", overwrite=True))
-    assert again.new_cells == 0  # same study: --overwrite keeps identical cells
+    assert again.new_cells == len(again.records)  # --overwrite starts afresh
 
 
 def test_lengths_beyond_window_refused_or_truncated(tiny, tmp_path):
@@ -82,4 +83,5 @@ def test_steering_file_sets_alpha_and_heads(tiny, tmp_path):
     path = write_steering_file(tmp_path / "steering.yaml", SteeringConfig(alpha=0.7, heads="1"))
     run = _run(tiny, _cfg(tmp_path / "o", modes="chat+steer", steering=str(path)))
     assert {(r["alpha"], r["heads"]) for r in run.records} == {(0.7, "1")}
-    assert all("alpha=0.7|heads=1" in r["key"] for r in run.records)
+    assert all(r["steering"] == {"rule": "alpha", "alpha": 0.7, "heads": "1", "emphasis": "user",
+                                 "compounding": "none"} for r in run.records)

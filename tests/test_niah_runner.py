@@ -88,11 +88,13 @@ def test_prefix_cache_reuses_prefill_and_keeps_answers(tiny, tmp_path):
     seen = []
     handle = model.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[-1]))
     try:
-        cached = run_niah(_cfg(tmp_path / "c"), model=model, tokenizer=tok, model_name="t", plot=False)
+        # a cached prefix is reused in whole prefill chunks (aligned: an answer never depends on the cell before)
+        cached = run_niah(_cfg(tmp_path / "c", prefill_chunk=32), model=model, tokenizer=tok, model_name="t",
+                          plot=False)
         prefill_cached = sum(n for n in seen if n > 1)
         seen.clear()
-        plain = run_niah(_cfg(tmp_path / "p", prefix_cache=False), model=model, tokenizer=tok, model_name="t",
-                         plot=False)
+        plain = run_niah(_cfg(tmp_path / "p", prefix_cache=False, prefill_chunk=32), model=model, tokenizer=tok,
+                         model_name="t", plot=False)
         prefill_plain = sum(n for n in seen if n > 1)
     finally:
         handle.remove()
@@ -104,7 +106,7 @@ def test_prefix_cache_reuses_prefill_and_keeps_answers(tiny, tmp_path):
 def test_manifest_mismatch_refused_unless_overwrite(tiny, tmp_path):
     model, tok = tiny
     run_niah(_cfg(tmp_path, depths="0"), model=model, tokenizer=tok, model_name="t", plot=False)
-    with pytest.raises(ConfigError, match="different study.*max_new_tokens"):
+    with pytest.raises(ConfigError, match="another configuration: decoding.max_new_tokens"):
         run_niah(_cfg(tmp_path, depths="0,100", max_new_tokens=5), model=model, tokenizer=tok, model_name="t",
                  plot=False)
     with pytest.raises(ConfigError, match="needle"):
@@ -112,7 +114,7 @@ def test_manifest_mismatch_refused_unless_overwrite(tiny, tmp_path):
     run = run_niah(_cfg(tmp_path, depths="0,100", max_new_tokens=5, overwrite=True), model=model, tokenizer=tok,
                    model_name="t", plot=False)
     assert len(read_records(tmp_path)) == len(run.records) == 8 and run.new_cells == 8
-    # runtime options (progress, batch size) are not part of the study
+    # runtime options (progress, prefix cache) are not part of the identity (aligned prefill: same answers)
     run_niah(_cfg(tmp_path, depths="0,100", max_new_tokens=5, prefix_cache=False), model=model, tokenizer=tok, model_name="t",
              plot=False)
 
@@ -168,7 +170,7 @@ def test_cli_runs_tiny_model_dir_and_replots(tiny, tmp_path, capsys):
     assert len(read_records(out)) == 2
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"ctxaware", "torch", "transformers", "python"} <= set(manifest["versions"])
-    assert manifest["config"]["lengths"] == [200] and "lengths" not in manifest["study"]
+    assert manifest["config"]["lengths"] == [200] and "lengths" not in json.dumps(manifest["identity"])
     if HAS_MPL:
         assert (out / "heatmap_raw.png").is_file()
         (out / "heatmap_raw.png").unlink()

@@ -20,7 +20,7 @@ from ctxaware.niah import NiahConfig, run_niah
 
 torch.set_num_threads(1)
 GRID = dict(needle="multi-query", lengths="400,500", depths="0,100", modes="raw,chat+prefix", max_new_tokens=5,
-            dtype="float32", progress=False)  # 8 cells
+            dtype="float32", batch_size=2, progress=False)  # 8 cells, 4 decoding batches
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def test_shards_in_one_process_then_merge(model_dir, reference, tmp_path):
     kw = dict(model=loaded.model, tokenizer=loaded.tokenizer, model_name=loaded.name, plot=False)
     out = tmp_path / "sharded"
     parts = [run_niah(NiahConfig(model=str(model_dir), out=str(out), shard=f"{i}/3", **GRID), **kw) for i in range(3)]
-    assert [len(p.records) for p in parts] == [3, 3, 2] and all(p.shard[1] == 3 for p in parts)
+    # whole batches of the unsharded plan: batches 0 and 3, 1, 2
+    assert [len(p.records) for p in parts] == [4, 2, 2] and all(p.shard[1] == 3 for p in parts)
     assert {r["key"] for p in parts for r in p.records} == \
         {json.loads(ln)["key"] for ln in (reference / "results.jsonl").read_text().splitlines()}
     assert not (out / "results.jsonl").exists() and not (out / "summary.json").exists()

@@ -51,3 +51,7 @@ def require(module: str, extra: str):
             f"{module!r} is needed for this feature but is not installed; "
             f"run: pip install 'ctxaware[{extra}]'"
         ) from exc
+
+
+class BusyError(CtxawareError, RuntimeError):
+    """Another live process is writing the same results (an output directory's lock is held)."""

@@ -289,3 +289,100 @@ def download_files(target: str | Path, base_url: str, files: dict[str, tuple[str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class DirLock:
+    """An exclusive advisory lock on ``DIR/.NAME.lock`` held by one live process (``fcntl.flock``).
+
+    The file records who holds it (``pid``, ``host``, ``started``) for the one-line refusal. The kernel
+    releases a ``flock`` when its holder dies, so a lock file left by a killed process is stale and is
+    simply taken over; :meth:`holders` lists the live holders of a directory's locks (every shard of a run).
+    """
+
+    SUFFIX = ".lock"
+
+    def __init__(self, directory: str | Path, name: str) -> None:
+        self.path = Path(directory) / f".{name}{self.SUFFIX}"
+        self.name = name
+        self._fh: IO[Any] | None = None
+
+    @staticmethod
+    def _flock(fh: IO[Any]) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _info(path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            data = {}
+        return data if isinstance(data, dict) else {}
+
+    def acquire(self) -> DirLock:
+        """Take the lock, or raise :class:`~ctxaware.errors.BusyError` naming the live holder."""
+        import datetime
+        import socket
+
+        from .errors import BusyError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        if not self._flock(fh):
+            fh.close()
+            info = self._info(self.path)
+            raise BusyError(f"{self.path.parent} is being written by another run ({self.name}: pid "
+                            f"{info.get('pid', '?')} on {info.get('host', '?')} since {info.get('started', '?')}); "
+                            "wait for it to finish, or use another --out")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (the file stays: a later holder rewrites it)."""
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    @classmethod
+    def holders(cls, directory: str | Path) -> dict[str, dict[str, Any]]:
+        """``{name: {pid, host, started}}`` of every lock in ``directory`` held by a live process (locks held by
+        this process through another :class:`DirLock` count too); stale lock files are ignored."""
+        out: dict[str, dict[str, Any]] = {}
+        for path in sorted(Path(directory).glob(f".*{cls.SUFFIX}")):
+            try:
+                fh = open(path, "a+", encoding="utf-8")
+            except OSError:
+                continue
+            try:
+                if cls._flock(fh):
+                    import fcntl
+
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                else:
+                    out[path.name[1:-len(cls.SUFFIX)]] = cls._info(path)
+            finally:
+                fh.close()
+        return out

@@ -163,10 +163,9 @@ def file_digest(path: str | Path) -> str:
     got = h.hexdigest()[:_DIGEST_LEN]
     _MEMO[stamp] = got
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(got, encoding="ascii")
-        os.replace(tmp, memo)
+        from .fsio import atomic_write_text
+
+        atomic_write_text(memo, got)
     except OSError:  # a read-only cache only costs a re-read next time
         pass
     return got

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigMixin, attn_implementation_field, device_map_field, field, trust_remote_code_field
+from ..engines import (check_engine, engine_field, engine_identity, pipeline_parallel_size_field, tensor_parallel_size_field,
+                       vllm_options_field)
 from ..errors import ConfigError, InputFileNotFoundError
 
 #: fields that do not change answers or judgments (they may differ between a run and its resumption)
 RUNTIME_FIELDS = ("out", "progress", "batch_size", "judge_concurrency", "judge_retries", "judge_timeout",
-                  "judge_backoff", "judge_api_key_env", "rejudge_unjudged", "device", "limit")
+                  "judge_backoff", "judge_api_key_env", "rejudge_unjudged", "device", "limit", "tensor_parallel_size",
+                  "pipeline_parallel_size")
 
 
 @dataclass
@@ -68,6 +71,10 @@ class MtBenchConfig(ConfigMixin):
     device_map: str | None = device_map_field()
     attn_implementation: str | None = attn_implementation_field()
     trust_remote_code: bool = trust_remote_code_field()
+    engine: str = engine_field()
+    tensor_parallel_size: int = tensor_parallel_size_field()
+    pipeline_parallel_size: int = pipeline_parallel_size_field()
+    vllm_options: Any = vllm_options_field()
     progress: bool = field(True, help="show progress bars")
 
     def __post_init__(self) -> None:
@@ -92,6 +99,7 @@ class MtBenchConfig(ConfigMixin):
         if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
             raise InputFileNotFoundError(f"adapter {self.adapter!r} is not a PEFT adapter directory (no "
                                          "adapter_config.json)")
+        check_engine(self)
 
     def require_judge(self) -> None:
         """One-line error when no judge endpoint is configured."""
@@ -132,7 +140,8 @@ class MtBenchConfig(ConfigMixin):
             tpl = f"{Path(self.template_file).name}:{hashlib.sha256(self.template_text().encode()).hexdigest()[:8]}"
         return {"template": "none" if not self.template else (tpl or "own"), "indicator": bool(self.indicator),
                 "steering": steering_tag(steer) if steer is not None and steer.active else None,
-                "adapter": Path(self.adapter).name if self.adapter else None, "label": self.label}
+                "adapter": Path(self.adapter).name if self.adapter else None, "label": self.label,
+                **engine_identity(self)}
 
 
 def steering_tag(steer: Any) -> str:
@@ -148,7 +157,8 @@ def steering_tag(steer: Any) -> str:
 
 def condition_name(condition: dict[str, Any]) -> str:
     """Canonical name of a condition dict: ``chat`` / ``raw`` / ``template=F``, then ``+ind``,
-    ``+steer(...)``, ``+adapter=NAME``, ``+label=X``."""
+    ``+steer(...)``, ``+adapter=NAME``, ``+label=X``, ``+engine=vllm`` (answers of the transformers engine carry
+    no engine part, so vLLM answers never reuse theirs)."""
     tpl = condition.get("template", "own")
     parts = ["chat" if tpl == "own" else "raw" if tpl == "none" else f"template={tpl}"]
     if condition.get("indicator"):
@@ -159,4 +169,6 @@ def condition_name(condition: dict[str, Any]) -> str:
         parts.append(f"adapter={condition['adapter']}")
     if condition.get("label"):
         parts.append(f"label={condition['label']}")
+    if condition.get("engine", "transformers") != "transformers":
+        parts.append(f"engine={condition['engine']}")
     return "+".join(parts)

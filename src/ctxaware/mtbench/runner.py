@@ -10,7 +10,8 @@ Layout of ``DIR`` (``MtBenchConfig.out``)::
 Both JSONL files are appended with an fsync per record (:class:`~ctxaware.fsio.JsonlAppender`, which
 also cuts a line torn by a kill), so a rerun generates only the missing answers and judges only the
 missing turns. Summaries are pure functions of the two files (:func:`summarize`, :func:`read_mtbench`).
-Generation goes through :class:`~ctxaware.steering.SteeredModel` (greedy; steered when asked).
+Generation goes through :class:`~ctxaware.steering.SteeredModel` (greedy; steered when asked), or with
+``engine="vllm"`` through :class:`~ctxaware.vllm.generate.VllmEngine` on the same rendered prompts.
 """
 
 from __future__ import annotations
@@ -140,14 +141,24 @@ def _generate(cfg: MtBenchConfig, questions: list[Question], model: Any, tokeniz
 
     steer = cfg.steering_config()
     steered = SteeredModel(model, tokenizer, steer, chat_template=cfg.template_text())
+    engine = None
+    if cfg.engine != "transformers":  # the same rendered prompts, answered by vLLM (steered through its plugin)
+        from ..engines import make_engine
+
+        engine = make_engine(cfg, model, tokenizer, cfg.max_new_tokens, steer_config=steer, batch_size=cfg.batch_size)
 
     def ask(text: str) -> str:
         return text + " " + INDICATOR if cfg.indicator else text
 
     def reply(convs: list[list[dict[str, str]]]) -> list[str]:
-        if not cfg.template:
-            from ..measure.plain import render_plain
+        from ..measure.plain import render_plain
 
+        if engine is not None:
+            from ..vllm.generate import generate_rendered
+
+            rendered = [steered.render(c) if cfg.template else render_plain(tokenizer, c) for c in convs]
+            return generate_rendered(engine, rendered, steer=steered.steering_active)
+        if not cfg.template:
             return steered.generate_rendered([render_plain(tokenizer, c) for c in convs],
                                              max_new_tokens=cfg.max_new_tokens)
         return steered.chat_batch(convs, max_new_tokens=cfg.max_new_tokens)
@@ -258,10 +269,9 @@ def run_mtbench(config: MtBenchConfig | None = None, *, model: Any = None, token
         if missing:
             t0 = time.perf_counter()
             if model is None or tokenizer is None:
-                from ..config import load_kwargs
-                from ..models import load_model
+                from ..engines import load_for_engine
 
-                loaded = load_model(cfg.adapter or cfg.model, **load_kwargs(cfg))
+                loaded = load_for_engine(cfg, cfg.adapter or cfg.model)  # vLLM: tokenizer and config only
                 model, tokenizer = loaded.model, loaded.tokenizer
             for a in _generate(cfg, missing, model, tokenizer, name, cond, data.source, out / ANSWERS):
                 existing[answer_key(a)] = a

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigMixin, attn_implementation_field, device_map_field, field, trust_remote_code_field
+from ..engines import (check_engine, engine_field, pipeline_parallel_size_field, tensor_parallel_size_field,
+                       vllm_options_field)
 from ..errors import ConfigError
 
 MODE_BASES = ("raw", "chat")
@@ -20,9 +22,6 @@ MODE_FLAGS = ("prefix", "ind", "steer")
 #: fields that do not change results: they may differ between a run and its resumption
 RUNTIME_FIELDS = ("out", "progress", "overwrite", "batch_size", "batch_memory", "prefix_cache", "prefill_chunk",
                   "device", "truncate", "effective_threshold", "shard")
-#: fields that define what a cell of a given key is (beyond the key itself): a results directory holds
-#: cells of one such study; grid, modes and steering parameters may change between runs (they are in the keys)
-IDENTITY_FIELDS = ("model", "haystack", "needle", "max_new_tokens", "dtype", "reserve", "system", "system_message")
 
 
 def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
@@ -112,7 +111,8 @@ class NiahConfig(ConfigMixin):
                                     "this many cells")
     batch_memory: float = field(4.0, help="GiB of KV cache a decoding batch may hold (peak about twice that)")
     prefix_cache: bool = field(True, help="reuse the KV cache of the prompt prefix shared with the previous cell")
-    prefill_chunk: int = field(1024, help="tokens per prefill step after a reused prefix")
+    prefill_chunk: int = field(256, help="tokens per prefill step; steps start at multiples of it and a cached prefix "
+                                         "is reused in whole steps, so an answer does not depend on the cell before")
     dtype: str = field("auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="model dtype; auto = bfloat16 where the hardware computes it fast, else float32 "
                             "(float32 for exact comparisons)")
@@ -121,6 +121,10 @@ class NiahConfig(ConfigMixin):
     device_map: str | None = device_map_field()
     attn_implementation: str | None = attn_implementation_field()
     trust_remote_code: bool = trust_remote_code_field()
+    engine: str = engine_field()
+    tensor_parallel_size: int = tensor_parallel_size_field()
+    pipeline_parallel_size: int = pipeline_parallel_size_field()
+    vllm_options: Any = vllm_options_field()
     truncate: bool = field(False, help="clamp context lengths beyond the model's window to the window (with a "
                                        "warning) instead of refusing them")
     effective_threshold: float = field(0.85, help="mean recall a length must reach for the effective length (the "
@@ -131,10 +135,11 @@ class NiahConfig(ConfigMixin):
                                    "shards (default under accelerate launch / torchrun: RANK/WORLD_SIZE, merged by "
                                    "the main process)")
     out: str = field("runs/niah-quick", metavar="DIR", help="output directory (rerun with the same one to resume; "
-                                                            "cells of the same model, needle and haystack are reused "
-                                                            "whatever the grid, modes or steering)")
-    overwrite: bool = field(False, help="discard results in --out of a different study (model, needle, haystack, "
-                                        "decoding budget, dtype, reserve, system message)")
+                                                            "finished cells are reused whatever the grid; other modes "
+                                                            "or steering are computed beside them, keyed apart)")
+    overwrite: bool = field(False, help="delete every result in --out first (every shard's files too; refused while "
+                                        "another process writes there); without it, a directory of another "
+                                        "configuration (model, dtype, needle, ...) is refused naming the field")
     progress: bool = field(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
@@ -176,6 +181,7 @@ class NiahConfig(ConfigMixin):
             parse_shard(self.shard)
         if not isinstance(self.system, str):
             raise ConfigError("system must be a string")
+        check_engine(self)
 
     def grid_lengths(self) -> list[int]:
         """Context lengths of the grid, ascending and unique."""
@@ -191,11 +197,6 @@ class NiahConfig(ConfigMixin):
     def study_dict(self) -> dict[str, Any]:
         """The fields that define results (everything but run-time options such as ``out``)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
-
-    def identity_dict(self) -> dict[str, Any]:
-        """The fields a results directory must agree on to reuse its cells (:data:`IDENTITY_FIELDS`)."""
-        d = self.to_dict()
-        return {k: d[k] for k in IDENTITY_FIELDS}
 
     @classmethod
     def from_preset(cls, name: str = "quick", **overrides: Any) -> NiahConfig:

@@ -5,13 +5,15 @@ Two things cost time in an NIH grid: the prefill of long prompts and the decodin
 
 * **Prefix sharing.** Prompts are taken in lexicographic order of their token ids (the
   depth-first order of their prefix trie) and one KV cache is kept: before each prompt the cache is
-  cropped to the prefix it shares with the previous one, so every distinct prefix is prefilled once.
-  In an NIH grid all cells share template and instruction, and the cells of one length share the
-  haystack up to their needle. The rest of a prompt is prefilled in chunks of ``chunk`` tokens:
-  with a cache, the attention mask is no longer plain causal and SDPA computes every query × key
+  cropped to the prefix it shares with the previous one, so every distinct prefix is prefilled about once.
+  Prefill chunks start at multiples of ``chunk`` and only whole chunks of the shared prefix are reused,
+  so a prompt's cache is bit for bit the one it would compute alone: an answer depends on its
+  decoding batch (:meth:`GreedyEngine.plan`) and nothing else. In an NIH grid all cells share
+  template and instruction, and the cells of one length share the haystack up to their needle. With a cache, the attention mask is no longer plain causal and SDPA computes every query × key
   pair of a chunk, so chunks keep that waste small (and bound the activation memory).
-* **Batched decoding.** The KV caches of up to ``batch_size`` prefilled prompts (whose padded
-  batch cache fits in ``batch_memory`` GiB) are gathered into one left-padded, preallocated cache and
+* **Batched decoding.** The batches are planned before any prefill, from all prompts (:meth:`GreedyEngine.plan`):
+  the KV caches of up to ``batch_size`` prefilled prompts (whose padded batch cache fits in
+  ``batch_memory`` GiB) are gathered into one left-padded, preallocated cache and
   decoded together, one token per row and step; a row is reported, and leaves the batch, as soon
   as it ends. A decoding step reads the weights once for the whole batch.
 
@@ -71,7 +73,7 @@ class GreedyEngine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int, *, steer_config: Any = None,
-                 reuse: bool = True, batch_size: int = 8, batch_memory: float = 4.0, chunk: int = 1024) -> None:
+                 reuse: bool = True, batch_size: int = 8, batch_memory: float = 4.0, chunk: int = 256) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if min(batch_size, chunk) < 1 or not batch_memory > 0:
@@ -130,59 +132,81 @@ class GreedyEngine:
         """The order jobs are prefilled in: steered after unsteered, each group by token ids."""
         return sorted(jobs, key=lambda j: (j.steer, list(j.rendered.input_ids)))
 
+    def plan(self, jobs: Sequence[Job]) -> list[list[Job]]:
+        """The decoding batches of ``jobs``, before any prefill: :meth:`order`, cut where steering changes, where a
+        batch holds ``batch_size`` jobs, or where its cache (rows x longest prompt x KV bytes per token, a
+        property of the model and dtype) would exceed ``batch_memory``. The plan depends on the jobs and these
+        settings only (never on the machine), and :meth:`run_batches` gives each prompt the cache it would compute
+        alone, so a job's answer depends on its batch alone: shards given whole batches of one plan answer exactly
+        as one process running the whole plan, and a batch rerun after a kill answers as before."""
+        batches: list[list[Job]] = []
+        per_token = self._kv_bytes_per_token_probe() if self.shareable and jobs else 0
+        for job in self.order(jobs):
+            cur = batches[-1] if batches else None
+            if cur and cur[0].steer == job.steer and len(cur) < self.batch_size:
+                width = max(len(j.rendered.input_ids) for j in [*cur, job])
+                if (len(cur) + 1) * width * per_token <= self.batch_bytes:
+                    cur.append(job)
+                    continue
+            batches.append([job])
+        return batches
+
     def run(self, jobs: Sequence[Job], on_done: Callable[[Job, str], None]) -> None:
-        """Answer every job; ``on_done(job, answer)`` is called as soon as a job's answer ends
-        (``job.seconds`` holds its prefill time plus its share of each decoding step it took part in,
+        """Answer every job (batches of :meth:`plan`); ``on_done(job, answer)`` is called as soon as a job's answer
+        ends (``job.seconds`` holds its prefill time plus its share of each decoding step it took part in,
         ``job.new_tokens`` the tokens it generated, ``job.truncated`` whether ``max_new_tokens`` stopped it)."""
+        self.run_batches(self.plan(jobs), on_done)
+
+    def run_batches(self, batches: Sequence[Sequence[Job]], on_done: Callable[[Job, str], None]) -> None:
+        """Answer the batches of a :meth:`plan` (all of them, or a shard's share), in order.
+
+        A prompt is prefilled in chunks that start at multiples of ``chunk`` (absolute positions), and the
+        cache kept from the previous prompt is reused only up to a multiple of ``chunk`` within the shared
+        prefix: those positions were computed from the same tokens in a chunk of the same span, so their keys
+        and values are bit for bit what this prompt would compute itself. A prompt's cache, hence its answer,
+        does not depend on which prompt came before it (another batch, another shard, an interrupted run).
+        """
         if not self.shareable:
-            for job in jobs:
+            for job in (j for batch in batches for j in batch):
                 t0 = time.perf_counter()
                 answer = self._generate_one(job)
                 job.seconds = time.perf_counter() - t0
                 on_done(job, answer)
             return
         cache, cached_ids, cached_emph, cached_steer = None, [], [], None
-        pending: list[Job] = []
         with torch.inference_mode():
-            for job in self.order(jobs):
-                if pending and (pending[0].steer != job.steer or not self._fits(pending, job)):
-                    self._decode_batch(pending, on_done)
-                    pending = []
-                t0 = time.perf_counter()
-                ids = list(job.rendered.input_ids)
-                if not ids:
-                    raise ValueError("cannot answer an empty prompt")
-                job.emphasis = self._emphasis_row(job)
-                if cache is None or not self.reuse or cached_steer != job.steer:
-                    cache, cached_ids, cached_emph = self._new_cache(), [], []
-                keep = common_prefix(cached_ids, ids)
-                if job.steer:
-                    keep = min(keep, common_prefix(cached_emph, job.emphasis))
-                keep = min(keep, len(ids) - 1)
-                if cache.get_seq_length() > keep:
-                    cache.crop(keep - cache.get_seq_length())
-                logits = self._prefill(cache, ids, keep, job)
-                job.first_token = int(logits.argmax(-1))
-                job.kv = [(layer.keys, layer.values) for layer in cache.layers]
-                cached_ids, cached_emph, cached_steer = ids, job.emphasis, job.steer
-                job.seconds = time.perf_counter() - t0
-                self.prefill_seconds += job.seconds
-                pending.append(job)
-                if len(pending) == self.batch_size:
-                    self._decode_batch(pending, on_done)
-                    pending = []
-            if pending:
-                self._decode_batch(pending, on_done)
+            for batch in batches:
+                for job in batch:
+                    t0 = time.perf_counter()
+                    ids = list(job.rendered.input_ids)
+                    if not ids:
+                        raise ValueError("cannot answer an empty prompt")
+                    job.emphasis = self._emphasis_row(job)
+                    if cache is None or not self.reuse or cached_steer != job.steer:
+                        cache, cached_ids, cached_emph = self._new_cache(), [], []
+                    keep = common_prefix(cached_ids, ids)
+                    if job.steer:
+                        keep = min(keep, common_prefix(cached_emph, job.emphasis))
+                    keep = min(keep, len(ids) - 1) // self.chunk * self.chunk  # whole chunks only
+                    if cache.get_seq_length() > keep:
+                        cache.crop(keep - cache.get_seq_length())
+                    logits = self._prefill(cache, ids, keep, job)
+                    job.first_token = int(logits.argmax(-1))
+                    job.kv = [(layer.keys, layer.values) for layer in cache.layers]
+                    cached_ids, cached_emph, cached_steer = ids, job.emphasis, job.steer
+                    job.seconds = time.perf_counter() - t0
+                    self.prefill_seconds += job.seconds
+                self._decode_batch(list(batch), on_done)
 
-    def _fits(self, pending: list[Job], job: Job) -> bool:
-        """Whether ``job`` may join the decoding batch: the batch's cache (rows × longest prompt × KV bytes
-        per token, measured on the first prefilled prompt) stays within ``batch_memory``."""
-        width = max(len(j.rendered.input_ids) for j in [*pending, job])
-        return (len(pending) + 1) * width * self._kv_bytes_per_token(pending[0]) <= self.batch_bytes
-
-    @staticmethod
-    def _kv_bytes_per_token(job: Job) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in job.kv) // max(1, job.kv[0][0].shape[-2])
+    def _kv_bytes_per_token_probe(self) -> int:
+        """KV-cache bytes per token of this model and dtype, from a one-token forward (machine-independent)."""
+        if getattr(self, "_per_token", None) is None:
+            cache = self._new_cache()
+            with torch.inference_mode():
+                self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device), use_cache=True,
+                           logits_to_keep=1, **{self.cache_arg: cache})
+            self._per_token = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        return self._per_token
 
     def _prefill(self, cache: Any, ids: list[int], start: int, job: Job) -> torch.Tensor:
         """Run ``ids[start:]`` into ``cache`` (holding ``ids[:start]``); returns the last position's logits."""
@@ -191,8 +215,8 @@ class GreedyEngine:
         with self._steering(job.rendered, job.steer):
             pos = start
             while pos < len(ids):
-                # a prefill from scratch keeps the fused causal kernel for its first piece
-                end = len(ids) if pos == 0 else min(len(ids), pos + self.chunk)
+                # chunks at multiples of ``chunk``: the same spans whatever was cached (see run_batches)
+                end = min(len(ids), (pos // self.chunk + 1) * self.chunk)
                 out = self.model(input_ids=x[:, pos:end], use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
                 logits = out.logits[0, -1]
                 self.prefilled_tokens += end - pos

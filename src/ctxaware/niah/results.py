@@ -6,11 +6,21 @@ off and the finished cells are skipped by their key. A cell's record holds only 
 computed (no wall-clock time), and when a run ends the file is put in grid order, so a study
 killed and resumed any number of times ends with the same ``results.jsonl``, byte for byte, as an
 uninterrupted one. The seconds each cell took go to ``timings.jsonl`` (``{"key", "seconds"}``
-lines, appended the same way), which the summary sums per mode. ``manifest.json`` records the configuration
-and library versions. Cells are reused across runs whatever the grid, modes or steering (those are
-in each cell's key); only a directory of a different *study* (``study`` dict: model, needle,
-haystack content, decoding budget, dtype, ...) is refused, unless ``overwrite`` is set, which
-deletes the cells that conflict — all of them then, since none is of this study.
+lines, appended the same way), which the summary sums per mode. ``manifest.json`` records the result
+identity of the directory (:mod:`ctxaware.identity`: model content, resolved dtype, device class, engine,
+needle and haystack content, decoding budget, batch plan, ...), the configuration and library versions.
+Each cell's key ends in the digest of its own identity (the directory's plus, for ``+steer`` modes, the
+steering: rule, alpha or share, heads, emphasis, compounding), so cells of other grids, modes or steering
+are computed beside the others, never reused for them. A directory of another identity is refused with one
+line naming the field that differs; ``overwrite`` deletes every result in it (every shard's files too).
+A directory written before identities existed (no ``identity`` in its manifest) is refused the same way:
+rerun with ``--overwrite``.
+
+One process at a time writes a given file: each store holds a lock (:class:`ctxaware.fsio.DirLock`,
+``.niah.lock`` or ``.niah-shard-i-of-n.lock``) until :meth:`ResultStore.close`; a second process into the
+same ``--out`` and shard, an unsharded run while shards are live, and ``--overwrite`` while any other
+shard is live are refused with one line naming the holder (pid, host). A lock left by a killed process
+is released by the kernel and taken over.
 
 Shards (``--shard i/n``, or the processes of ``accelerate launch``) append to
 ``results.shard-i-of-n.jsonl`` and ``timings.shard-i-of-n.jsonl`` instead, so that shards never
@@ -42,10 +52,11 @@ SUMMARY_MD = "summary.md"
 
 
 def cell_key(*, model: str, mode: str, needle: str, length: int, depth: float, haystack: str,
-             alpha: float | None = None, heads: str | None = None) -> str:
-    """The resume key of one cell; steering parameters only count for ``+steer`` modes."""
-    steer = f"|alpha={alpha:g}|heads={heads}" if "steer" in mode.split("+") else ""
-    return f"{model}|{mode}|{needle}|L={int(length)}|d={depth:g}|{haystack}{steer}"
+             identity: str) -> str:
+    """The resume key of one cell: readable fields, then ``id=`` the digest of the cell's result identity
+    (:func:`ctxaware.identity.result_identity`: model content, dtype, device class, engine, decoding, batch plan,
+    needle and haystack content, and the steering of ``+steer`` modes, rule and share included)."""
+    return f"{model}|{mode}|{needle}|L={int(length)}|d={depth:g}|{haystack}|id={identity}"
 
 
 def versions() -> dict[str, str]:
@@ -103,10 +114,12 @@ class ResultStore:
     found into ``results.jsonl`` at :meth:`finalize`.
     """
 
-    def __init__(self, out: str | Path, study: dict[str, Any], *, overwrite: bool = False,
+    def __init__(self, out: str | Path, identity: dict[str, Any], *, overwrite: bool = False,
                  config: dict[str, Any] | None = None, shard: tuple[int, int] = (0, 1)) -> None:
+        from ..fsio import DirLock
+
         self.dir = Path(out)
-        self.study = study
+        self.identity = identity
         self.config = config
         self.shard = shard
         self.merged = self.dir / RESULTS
@@ -114,7 +127,12 @@ class ResultStore:
         self.timings = shard_path(self.dir / TIMINGS, *shard)
         self.done: dict[str, dict[str, Any]] = {}
         self.shard_inputs: list[Path] = []  # shard files an unsharded store merges
+        self.lock = DirLock(self.dir, self._lock_name(*shard))
         self._open(overwrite)
+
+    @staticmethod
+    def _lock_name(i: int, n: int) -> str:
+        return "niah" if n == 1 else f"niah-shard-{i}-of-{n}"
 
     @property
     def sharded(self) -> bool:
@@ -124,37 +142,61 @@ class ResultStore:
         return [p for _, _, p in shard_files(self.merged)] + [p for _, _, p in shard_files(self.dir / TIMINGS)]
 
     def _discard(self) -> None:
-        """Delete the results of another study: merged files and plots, and this store's (or every) shard file."""
+        """Delete every result of the directory (--overwrite): merged files, plots and every shard's files."""
         for name in (RESULTS, TIMINGS, SUMMARY_JSON, SUMMARY_MD):
             (self.dir / name).unlink(missing_ok=True)
         for png in self.dir.glob("*.png"):
             png.unlink()
-        for p in [self.path, self.timings] if self.sharded else self._shard_files():
+        for p in self._shard_files():
             p.unlink(missing_ok=True)
+
+    def _check_busy(self, overwrite: bool) -> None:
+        """Refuse (one line) while a conflicting run writes here: the same shard, an unsharded run and a shard
+        at once (a merge would take half-written shard files), or any other shard when overwriting."""
+        from ..errors import BusyError
+        from ..fsio import DirLock
+
+        mine = self._lock_name(*self.shard)
+        others = {k: v for k, v in DirLock.holders(self.dir).items() if k.startswith("niah") and k != mine}
+        clash = [k for k in others if overwrite or k == "niah" or not self.sharded]
+        if clash:
+            info = others[clash[0]]
+            what = "--overwrite would delete the files of" if overwrite else "another run writes"
+            name = "the unsharded run" if clash[0] == "niah" else clash[0].replace("niah-", "").replace("-", " ")
+            raise BusyError(f"{self.dir}: {what} {name} (pid {info.get('pid', '?')} on {info.get('host', '?')}, "
+                            f"since {info.get('started', '?')}); wait for it to finish, or use another --out")
 
     def _open(self, overwrite: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()  # held until close(): a second process into this --out is refused, never doubled
+        try:
+            self._check_busy(overwrite)
+            self._open_locked(overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        """Release this store's lock on the directory (done by :func:`run_niah` when the run ends)."""
+        self.lock.release()
+
+    def _open_locked(self, overwrite: bool) -> None:
+        from ..identity import Identity
+
         manifest = self.dir / MANIFEST
-        if manifest.is_file():
-            try:
-                old = json.loads(manifest.read_text(encoding="utf-8")).get("study", {})
-            except json.JSONDecodeError:
-                old = None
-            if old is not None:  # manifests of older versions also hold grid fields: compare the study's only
-                old = {k: old.get(k) for k in self.study}
-            if old != self.study:
-                if not overwrite:
-                    diff = sorted(k for k in set(self.study) | set(old or {})
-                                  if (old or {}).get(k) != self.study.get(k))
-                    raise ConfigError(f"{self.dir} holds NIH results of a different study (differs in: "
-                                      f"{', '.join(diff) or 'manifest unreadable'}); use another --out, or "
-                                      "--overwrite to discard them")
-                self._discard()
-        elif self.merged.is_file() and self.merged.stat().st_size and not overwrite:
-            raise ConfigError(f"{self.merged} exists without a manifest; use another --out or --overwrite")
-        elif overwrite:
+        has_results = (self.merged.is_file() and self.merged.stat().st_size > 0) or bool(self._shard_files())
+        if overwrite:
             self._discard()
-        _write_json(manifest, {"study": self.study, **({"config": self.config} if self.config else {}),
+        elif manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text(encoding="utf-8")).get("identity")
+            except (json.JSONDecodeError, AttributeError):
+                old = None
+            if old != self.identity and (has_results or old is not None):
+                Identity(self.identity).require_same(old, f"{self.dir} (NIH)")  # one line naming the field
+        elif has_results:
+            raise ConfigError(f"{self.merged} exists without a manifest; use another --out or --overwrite")
+        _write_json(manifest, {"identity": self.identity, **({"config": self.config} if self.config else {}),
                                "versions": versions(),
                                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         self._repair()

@@ -6,11 +6,15 @@ once (cells in lexicographic order of their token ids, one KV cache cropped to t
 and decodes ``batch_size`` cells together.
 Decoding is greedy whatever the model's generation config says.
 
-Sharding: with ``shard="i/n"`` a run answers only the grid's cells ``i, i + n, i + 2n, ...`` (grid
-order: length, depth, mode) into its own shard files (:class:`~ctxaware.niah.results.ResultStore`)
-and writes no summary or plot; a later run without a shard merges them. Under ``accelerate launch``
-/ ``torchrun`` (``WORLD_SIZE > 1``, no explicit shard) every process takes shard rank/world on its
-own device, and the main process merges after a barrier and writes summary and heatmaps.
+Sharding: the grid's decoding batches are planned first, from every cell (:func:`plan_batches`: the plan an
+unsharded run decodes), and with ``shard="i/n"`` a run answers the whole batches ``i, i + n, i + 2n, ...``
+into its own shard files (:class:`~ctxaware.niah.results.ResultStore`) and writes no summary or plot; a
+later run without a shard merges them. Since a greedy answer depends on its decoding batch (in bf16) and
+on nothing else (:class:`~ctxaware.niah.engine.GreedyEngine`), merged shards equal the unsharded run byte for
+byte, with any number of shards; a resumed run decodes the unfinished batches whole for the same reason.
+Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE > 1``, no explicit shard) every process takes
+shard rank/world on its own device, and the main process merges after a barrier and writes summary and
+heatmaps. Keys carry the digest of the cell's result identity (:func:`niah_identity`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import load_kwargs
 from .config import NiahConfig, parse_mode
 from .haystack import Haystack, read_haystack
 from .needles import Needle, load_needle
@@ -106,7 +109,7 @@ def check_grid(cfg: NiahConfig, model: Any, steer: Any) -> list[int]:
 
 
 def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, haystack_id: str, cell: Cell,
-            answer: str) -> dict[str, Any]:
+            answer: str, steer_id: Any = None) -> dict[str, Any]:
     """What a cell computed (no wall-clock time: that goes to ``timings.jsonl``, keeping this reproducible)."""
     r = cell.prompt.rendered
     rec = {
@@ -122,6 +125,8 @@ def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, hayst
         rec["prefix"] = cell.prompt.prefix
     if cell.prompt.steer:
         rec["alpha"], rec["heads"] = steer_tag
+        if steer_id is not None:  # the whole steering (rule, share, ...): reports tell settings apart by it
+            rec["steering"] = steer_id.to_dict()["steering"]
     if not needle.single:  # tasks: where each sentence went, what was recalled, and distraction
         rec["positions"] = list(cell.placement.positions)
         rec["found"] = found_keywords(answer, needle.keywords)
@@ -132,17 +137,52 @@ def _record(steer_tag: tuple[float, str], model_name: str, needle: Needle, hayst
 
 
 def plan_cells(cfg: NiahConfig, model_name: str, needle: Needle, haystack_id: str,
-               lengths: list[int] | None = None, steer_tag: tuple[float, str] | None = None) -> list[Cell]:
-    """All cells of the grid (length-major, then depth, then mode), with their resume keys."""
-    alpha, heads = steer_tag or (float(cfg.alpha), cfg.heads)
+               lengths: list[int] | None = None, digests: tuple[str, str] = ("", "")) -> list[Cell]:
+    """All cells of the grid (length-major, then depth, then mode), with their resume keys; ``digests`` are the
+    identity digests of unsteered and ``+steer`` cells (:func:`cell_identities`)."""
     cells = []
     for length in lengths or cfg.grid_lengths():
         for depth in cfg.grid_depths():
             for mode in cfg.modes:
+                digest = digests[1] if "steer" in parse_mode(mode)[1] else digests[0]
                 key = cell_key(model=model_name, mode=mode, needle=needle.name, length=length, depth=depth,
-                               haystack=haystack_id, alpha=alpha, heads=heads)
+                               haystack=haystack_id, identity=digest)
                 cells.append(Cell(mode, length, depth, key))
     return cells
+
+
+def display_name(model: str | None) -> str:
+    """The model's name in records: the embedded model's name, else the name or path as given."""
+    from ..models import DEFAULT_MODEL, EMBEDDED_NAME
+
+    return EMBEDDED_NAME if model in (None, DEFAULT_MODEL) else str(model)
+
+
+def niah_identity(cfg: NiahConfig, needle: Needle, haystack_id: str, *, model_ref: str, dtype: str, device: str,
+                  steering: Any = None) -> Any:
+    """The :class:`~ctxaware.identity.Identity` of a directory's cells (``steering``: that of ``+steer`` cells)."""
+    from ..identity import result_identity
+
+    return result_identity(
+        "niah-cell", model=model_ref, dtype=dtype, device=device, engine=getattr(cfg, "engine", "transformers"),
+        steering=steering, max_new_tokens=cfg.max_new_tokens,
+        batch={"batch_size": cfg.batch_size, "batch_memory": float(cfg.batch_memory), "prefill_chunk": cfg.prefill_chunk},
+        extra={"needle": needle.to_dict(), "haystack": haystack_id, "reserve": cfg.reserve, "system": cfg.system,
+               "system_message": cfg.system_message})
+
+
+def _resolved(cfg: NiahConfig, model: Any, model_name: str | None) -> tuple[str, str, str]:
+    """``(model reference, dtype, device class)`` of the run, before any model is loaded (or of the model given)."""
+    from ..identity import device_class, model_dtype, model_id, resolve_dtype
+
+    if model is not None:
+        return model_id(model_name or cfg.model), model_dtype(model), device_class(model)
+    device = cfg.device
+    if device is None:
+        from ..models import default_device
+
+        device = default_device()
+    return model_id(cfg.model), resolve_dtype(cfg.dtype, device), device_class(device)
 
 
 def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: Any = None,
@@ -157,7 +197,6 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
     cfg = config or NiahConfig()
     needle = load_needle(cfg.needle)
     hay_text = read_haystack(cfg.haystack)
-    study = {**cfg.identity_dict(), "needle_definition": needle.to_dict(), "haystack_id": hay_text.id}
     use_steer = any("steer" in parse_mode(m)[1] for m in cfg.modes)
     steer_cfg = steering_config(cfg) if use_steer else None
     shard = parse_shard(cfg.shard)
@@ -167,46 +206,68 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
         shard = (launch.rank, launch.world)
         if cfg.device is None and not cfg.device_map:
             cfg = dataclasses.replace(cfg, device=launch.device)
+    ref, dtype, device = _resolved(cfg, model if tokenizer is not None else None, model_name)
+    base_id = niah_identity(cfg, needle, hay_text.id, model_ref=ref, dtype=dtype, device=device)
+    steer_id = niah_identity(cfg, needle, hay_text.id, model_ref=ref, dtype=dtype, device=device,
+                             steering=steer_cfg) if steer_cfg is not None else base_id
 
-    def open_store(at: tuple[int, int]) -> ResultStore:
-        return ResultStore(cfg.out, study, overwrite=cfg.overwrite, config=manifest_config, shard=at)
+    def open_store(at: tuple[int, int], overwrite: bool = cfg.overwrite) -> ResultStore:
+        return ResultStore(cfg.out, base_id.to_dict(), overwrite=overwrite, config=manifest_config, shard=at)
 
     if launch is not None and not launch.main:
         launch.barrier()  # the main process checks (or clears) the directory first
     store = open_store(shard)
-    if launch is not None and launch.main:
-        launch.barrier()
-    if model is None or tokenizer is None:
-        from ..models import load_model
+    try:
+        if launch is not None and launch.main:
+            launch.barrier()
+        if model is None or tokenizer is None:
+            from ..engines import load_for_engine
 
-        loaded = load_model(cfg.model, **load_kwargs(cfg))
-        model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
-    model_name = model_name or cfg.model
-    lengths = check_grid(cfg, model, steer_cfg)
-    steer_tag = _steer_tag(steer_cfg) if steer_cfg is not None else (float(cfg.alpha), cfg.heads)
-    hay = Haystack(hay_text, tokenizer)
-    hay.token_ids(max(lengths))
-    cells = plan_cells(cfg, model_name, needle, hay.id, lengths, steer_tag)
-    mine = cells[shard[0]::shard[1]]
-    todo = [c for c in mine if c.key not in store.done]
-    logger.info("%d of %d cells to run in %s%s", len(todo), len(mine), store.dir,
-                f" (shard {shard[0]}/{shard[1]} of {len(cells)} cells)" if store.sharded else "")
-    placements: dict[tuple[int, float], Any] = {}
-    for c in todo:
-        if (c.length, c.depth) not in placements:
-            placements[(c.length, c.depth)] = hay.place_task(needle, c.length, c.depth, reserve=cfg.reserve)
-        c.placement = placements[(c.length, c.depth)]
-        c.prompt = build_prompt(tokenizer, c.placement.text, needle, c.mode, system=cfg.system,
-                                system_message=cfg.system_message)
-    _generate(cfg, model, tokenizer, todo, steer_cfg,
-              lambda cell, answer, secs: store.append([_record(steer_tag, model_name, needle, hay.id, cell, answer)],
-                                                      seconds={cell.key: secs}))
-    store.finalize([c.key for c in mine])  # grid order, whatever order the cells finished in
+            loaded = load_for_engine(cfg)  # --engine vllm: tokenizer and config only, the weights live in vLLM
+            model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
+            from ..identity import device_class, model_dtype
+
+            if cfg.engine == "transformers" and (model_dtype(model), device_class(model)) != (dtype, device):
+                from ..errors import ConfigError
+
+                raise ConfigError(f"the model loaded as {model_dtype(model)} on {device_class(model)}, not {dtype} on "
+                                  f"{device} as resolved; pass --dtype and --device explicitly")
+        model_name = model_name or display_name(cfg.model)
+        lengths = check_grid(cfg, model, steer_cfg)
+        steer_tag = _steer_tag(steer_cfg) if steer_cfg is not None else (float(cfg.alpha), cfg.heads)
+        hay = Haystack(hay_text, tokenizer)
+        hay.token_ids(max(lengths))
+        cells = plan_cells(cfg, model_name, needle, hay.id, lengths, (base_id.digest, steer_id.digest))
+        batches = None
+        if store.sharded or any(c.key not in store.done for c in cells):
+            _build_prompts(cfg, tokenizer, hay, needle, cells)
+            batches = plan_batches(cfg, model, tokenizer, cells, steer_cfg)
+        mine_batches = batches[shard[0]::shard[1]] if batches is not None else [cells]
+        in_mine = {id(c) for b in mine_batches for c in b}
+        mine = [c for c in cells if id(c) in in_mine]  # grid order
+        todo = [c for c in mine if c.key not in store.done]
+        logger.info("%d of %d cells to run in %s%s", len(todo), len(mine), store.dir,
+                    f" (shard {shard[0]}/{shard[1]} of {len(cells)} cells)" if store.sharded else "")
+
+        def done(cell: Cell, answer: str, secs: float) -> None:
+            if cell.key not in store.done:  # a batch rerun whole after a kill: its finished cells are kept
+                store.append([_record(steer_tag, model_name, needle, hay.id, cell, answer, steer_id)],
+                             seconds={cell.key: secs})
+
+        if todo:
+            _generate(cfg, model, tokenizer, todo, steer_cfg, done,
+                      batches=[b for b in mine_batches if any(c.key not in store.done for c in b)])
+        store.finalize([c.key for c in mine])  # grid order, whatever order the cells finished in
+    finally:
+        store.close()
     if launch is not None:
-        launch.barrier()  # every shard is written
+        launch.barrier()  # every shard is written (and its lock released)
         if launch.main:
-            store = open_store((0, 1))  # reads every shard file; finalize merges them
-            store.finalize([c.key for c in cells])
+            store = open_store((0, 1), overwrite=False)  # reads every shard file; finalize merges them
+            try:
+                store.finalize([c.key for c in cells])
+            finally:
+                store.close()
     if store.sharded:
         records = [store.done[c.key] for c in mine if c.key in store.done]
         summary = summarize(with_seconds(records, read_timings(store.dir, store.timings)), cfg.modes,
@@ -229,15 +290,43 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
     return NiahRun(out=store.dir, records=records, summary=summary, plots=plots, new_cells=len(todo))
 
 
-def _generate(cfg: NiahConfig, model: Any, tokenizer: Any, todo: list[Cell], steer_cfg: Any, done_cb) -> None:
-    from tqdm.auto import tqdm
+def _build_prompts(cfg: NiahConfig, tokenizer: Any, hay: Haystack, needle: Needle, cells: list[Cell]) -> None:
+    placements: dict[tuple[int, float], Any] = {}
+    for c in cells:
+        if (c.length, c.depth) not in placements:
+            placements[(c.length, c.depth)] = hay.place_task(needle, c.length, c.depth, reserve=cfg.reserve)
+        c.placement = placements[(c.length, c.depth)]
+        c.prompt = build_prompt(tokenizer, c.placement.text, needle, c.mode, system=cfg.system,
+                                system_message=cfg.system_message)
 
+
+def plan_batches(cfg: NiahConfig, model: Any, tokenizer: Any, cells: list[Cell], steer_cfg: Any) -> list[list[Cell]]:
+    """The decoding batches of the WHOLE grid (:meth:`GreedyEngine.plan`), formed before any work: shards take
+    whole batches of it (``batches[i::n]``), so a sharded grid answers byte for byte as an unsharded one."""
+    if getattr(cfg, "engine", "transformers") != "transformers":
+        return [[c] for c in cells]
     from .engine import GreedyEngine, Job
 
     engine = GreedyEngine(model, tokenizer, cfg.max_new_tokens, steer_config=steer_cfg, reuse=cfg.prefix_cache,
                           batch_size=cfg.batch_size, batch_memory=cfg.batch_memory, chunk=cfg.prefill_chunk)
+    return [[j.tag for j in b] for b in engine.plan([Job(c.prompt.rendered, steer=c.prompt.steer, tag=c)
+                                                       for c in cells])]
+
+
+def _generate(cfg: NiahConfig, model: Any, tokenizer: Any, todo: list[Cell], steer_cfg: Any, done_cb,
+              batches: list[list[Cell]] | None = None) -> None:
+    """Answer ``todo``; ``batches`` (whole batches of the grid's plan holding them) are decoded as planned, and
+    ``done_cb`` then also gets cells of those batches that were already done (it skips them)."""
+    from tqdm.auto import tqdm
+
+    from ..engines import make_engine
+    from .engine import Job
+
+    engine = make_engine(cfg, model, tokenizer, cfg.max_new_tokens, steer_config=steer_cfg, batch_size=cfg.batch_size,
+                         reuse=cfg.prefix_cache, batch_memory=cfg.batch_memory, chunk=cfg.prefill_chunk)
     jobs = [Job(c.prompt.rendered, steer=c.prompt.steer, tag=c) for c in todo]
-    bar = tqdm(total=len(todo), desc="niah", unit="cell", disable=not cfg.progress or not todo)
+    total = len(todo) if batches is None else sum(len(b) for b in batches)
+    bar = tqdm(total=total, desc="niah", unit="cell", disable=not cfg.progress or not todo)
 
     def finished(job: Job, answer: str) -> None:
         cell = job.tag
@@ -247,6 +336,10 @@ def _generate(cfg: NiahConfig, model: Any, tokenizer: Any, todo: list[Cell], ste
         bar.update(1)
 
     try:
-        engine.run(jobs, finished)
+        if batches is None or cfg.engine != "transformers":  # vLLM schedules its own batches
+            engine.run(jobs, finished)
+        else:
+            engine.run_batches([[Job(c.prompt.rendered, steer=c.prompt.steer, tag=c) for c in b] for b in batches],
+                               finished)
     finally:
         bar.close()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigMixin, field
+from ..engines import (check_engine, engine_field, pipeline_parallel_size_field, tensor_parallel_size_field,
+                       vllm_options_field)
 from ..errors import ConfigError
 from ..niah.config import canonical_mode, parse_mode
 from ..study.config import QA_DATASETS, _qa_list
@@ -73,9 +75,14 @@ class SftStudyConfig(ConfigMixin):
     dtype: str = field("float32", choices=("float32", "bfloat16", "float16", "auto"),
                        help="dtype of the probe and of the evaluated models")
     device: str | None = field(None, help="torch device of scoring and evaluation (default: cuda, mps, else cpu)")
+    engine: str = engine_field()
+    tensor_parallel_size: int = tensor_parallel_size_field()
+    pipeline_parallel_size: int = pipeline_parallel_size_field()
+    vllm_options: Any = vllm_options_field()
     progress: bool = field(True, help="show progress bars")
 
     def __post_init__(self) -> None:
+        check_engine(self)  # the evaluation's engine: scoring and training stay on transformers
         if self.target_fraction is not None and self.threshold is not None:
             raise ConfigError("pass either --target-fraction or --threshold, not both")
         if self.target_fraction is not None and not 0.0 < float(self.target_fraction) <= 1.0:
@@ -109,6 +116,11 @@ class SftStudyConfig(ConfigMixin):
         if self.threshold is not None:
             return None
         return DEFAULT_FRACTION if self.target_fraction is None else float(self.target_fraction)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The evaluation's engine fields, as the study and MT-Bench parts take them."""
+        return {"engine": self.engine, "tensor_parallel_size": self.tensor_parallel_size,
+                "pipeline_parallel_size": self.pipeline_parallel_size, "vllm_options": self.vllm_options}
 
     def arm_modes(self, arm: str) -> list[str]:
         """NIH modes of an arm: the base modes, and for the conditional arm each with +ind first."""

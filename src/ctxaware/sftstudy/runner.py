@@ -123,16 +123,20 @@ def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, An
     from ..study.qa import run_qa
 
     out = Path(cfg.out) / arm
-    loaded = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
+    vllm = cfg.engine != "transformers"  # NIH and MT-Bench through vLLM (the arm merged once), the rest on transformers
+    loaded = None if vllm else load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     scfg = StudyConfig(model=model_dir, out=str(out), needle=cfg.needle, haystack=cfg.haystack, lengths=cfg.lengths,
                        depths=cfg.depths, modes=",".join(cfg.arm_modes(arm)), max_new_tokens=cfg.max_new_tokens,
                        attention_length=cfg.attention_length, attention_depths=cfg.attention_depths,
                        batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device, report=False,
-                       progress=cfg.progress)
+                       progress=cfg.progress, **cfg.engine_options())
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    study = run_study(scfg, model=loaded.model, tokenizer=loaded.tokenizer, model_name=arm)
+    study = run_study(scfg, model=loaded.model if loaded else None, tokenizer=loaded.tokenizer if loaded else None,
+                      model_name=arm)
     seconds.update(study.seconds)
+    if loaded is None and cfg.qa:
+        loaded = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     record: dict[str, Any] = {"niah_cells": len(study.niah.records), "modes": cfg.arm_modes(arm)}
     if cfg.qa:
         t0 = time.perf_counter()
@@ -147,9 +151,14 @@ def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, An
         mcfg = MtBenchConfig(model=model_dir, out=str(out / "mtbench"), judge_base_url=cfg.mtbench_judge_url,
                              judge_model=cfg.mtbench_judge_model, indicator=False, limit=cfg.mtbench_limit,
                              max_new_tokens=cfg.mtbench_max_new_tokens, data_dir=cfg.mtbench_data_dir,
-                             dtype=cfg.dtype, progress=cfg.progress)
-        record["mtbench"] = run_mtbench(mcfg, model=loaded.model, tokenizer=loaded.tokenizer, model_name=arm).summary
+                             dtype=cfg.dtype, progress=cfg.progress, **cfg.engine_options())
+        record["mtbench"] = run_mtbench(mcfg, model=loaded.model if loaded else None,
+                                        tokenizer=loaded.tokenizer if loaded else None, model_name=arm).summary
         seconds["mtbench"] = time.perf_counter() - t0
+    if vllm:
+        from ..vllm.generate import release
+
+        release()  # the next arm's model gets the memory
     record["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     del loaded
     return record

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigMixin, attn_implementation_field, device_map_field, field, trust_remote_code_field
+from ..engines import (check_engine, engine_field, pipeline_parallel_size_field, tensor_parallel_size_field,
+                       vllm_options_field)
 from ..errors import ConfigError
 from ..niah.config import NiahConfig, canonical_mode
 
@@ -72,11 +74,16 @@ class StudyConfig(ConfigMixin):
     device_map: str | None = device_map_field()
     attn_implementation: str | None = attn_implementation_field()
     trust_remote_code: bool = trust_remote_code_field()
+    engine: str = engine_field()
+    tensor_parallel_size: int = tensor_parallel_size_field()
+    pipeline_parallel_size: int = pipeline_parallel_size_field()
+    vllm_options: Any = vllm_options_field()
     report: bool = field(True, help="write DIR/report.html at the end")
     overwrite: bool = field(False, help="discard NIH results in DIR/niah of a different study")
     progress: bool = field(True, help="show progress bars")
 
     def __post_init__(self) -> None:
+        check_engine(self)
         self.qa = _qa_list(self.qa)
         if self.qa_limit < 1:
             raise ConfigError(f"qa_limit must be >= 1, got {self.qa_limit}")
@@ -108,13 +115,18 @@ class StudyConfig(ConfigMixin):
                           alpha=self.alpha, heads=self.heads, max_new_tokens=self.max_new_tokens,
                           batch_size=self.batch_size, dtype=self.dtype, device=self.device, out=out,
                           overwrite=self.overwrite, progress=self.progress,
-                          effective_threshold=self.effective_threshold, shard=self.shard)
+                          effective_threshold=self.effective_threshold, shard=self.shard, **self.engine_options())
 
     def niah_configs(self) -> dict[str, NiahConfig]:
         """Every NIH part by name: ``{needle: DIR/niah}`` without tasks, else one per task."""
         if not self.task:
             return {self.needle: self.niah_config()}
         return {t: self.niah_config(t) for t in self.task}
+
+    def engine_options(self) -> dict[str, Any]:
+        """The engine fields, as the NIH and MT-Bench parts take them."""
+        return {"engine": self.engine, "tensor_parallel_size": self.tensor_parallel_size,
+                "pipeline_parallel_size": self.pipeline_parallel_size, "vllm_options": self.vllm_options}
 
     @property
     def steered(self) -> bool:
@@ -129,7 +141,7 @@ class StudyConfig(ConfigMixin):
         common = dict(model=self.model, out=f"{self.out}/mtbench", data_dir=self.mtbench_data_dir,
                       limit=self.mtbench_limit, max_new_tokens=self.mtbench_max_new_tokens,
                       judge_base_url=self.mtbench_judge_url, judge_model=self.mtbench_judge_model, dtype=self.dtype,
-                      device=self.device, progress=self.progress)
+                      device=self.device, progress=self.progress, **self.engine_options())
         steer = {"steering": self.steering} if self.steering else {"alpha": self.alpha, "heads": self.heads}
         return [MtBenchConfig(**common)] + ([MtBenchConfig(**common, **steer)] if self.steered else [])
 

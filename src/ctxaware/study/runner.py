@@ -17,6 +17,7 @@ process runs its shard of the NIH grids and the main process merges them and run
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import time
@@ -54,17 +55,20 @@ def commands(cfg: StudyConfig) -> dict[str, str]:
         return f"--{name.replace('_', '-')} {shlex.quote(str(value))}"
 
     common = [opt("model", cfg.model), opt("dtype", cfg.dtype)]
+    engine = [] if cfg.engine == "transformers" else [
+        opt(k, json.dumps(v) if isinstance(v, dict) else v) for k, v in cfg.engine_options().items()
+        if v is not None and (k == "engine" or v != 1)]
     niah_commands = {}
     for task, n in cfg.niah_configs().items():
         niah = ["ctxaware niah", *common, opt("needle", task), opt("haystack", cfg.haystack),
                 opt("lengths", n.grid_lengths()), opt("depths", n.grid_depths()), opt("modes", n.modes),
-                opt("max_new_tokens", cfg.max_new_tokens)]
+                opt("max_new_tokens", cfg.max_new_tokens), *engine]
         niah += [opt("steering", cfg.steering)] if cfg.steering else [opt("alpha", cfg.alpha), opt("heads", cfg.heads)]
         if cfg.effective_threshold != 0.85:
             niah.append(opt("effective_threshold", cfg.effective_threshold))
         name = "niah" if not cfg.task else "niah " + task
         niah_commands[name] = " ".join(niah + [opt("out", n.out)])
-    study = ["ctxaware study", *common, opt("out", cfg.out)]
+    study = ["ctxaware study", *common, *engine, opt("out", cfg.out)]
     study += [opt("task", ",".join(cfg.task))] if cfg.task else []
     if cfg.qa:
         study += [opt("qa", ",".join(cfg.qa)), opt("qa_limit", cfg.qa_limit)]
@@ -75,7 +79,7 @@ def commands(cfg: StudyConfig) -> dict[str, str]:
                  "mtbench_data_dir": "data_dir", "mtbench_max_new_tokens": "max_new_tokens"}
         given = [(k, getattr(cfg, k)) for k in names if getattr(cfg, k) is not None]
         study += [opt(k, v) for k, v in given]
-        mtbench = ["ctxaware mtbench", opt("model", cfg.model)] + [opt(names[k], v) for k, v in given]
+        mtbench = ["ctxaware mtbench", opt("model", cfg.model)] + [opt(names[k], v) for k, v in given] + engine
         mtbench.append(opt("out", f"{cfg.out}/mtbench"))
     out = {"study": " ".join(study), **niah_commands, **({"mtbench": " ".join(mtbench)} if mtbench else {}),
            "report": f"ctxaware report {shlex.quote(cfg.out)} --out {shlex.quote(cfg.out + '/report.html')}"}
@@ -108,13 +112,19 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
         from ..mtbench import check_judge
 
         check_judge(cfg.mtbench_configs()[0])  # an unreachable judge fails now, not after the NIH grid
+    kwargs = load_kwargs(cfg)
+    if launch is not None and not kwargs["device"] and not kwargs["device_map"]:
+        kwargs["device"] = launch.device
     if model is None or tokenizer is None:
-        from ..models import load_model
+        from ..engines import load_for_engine
 
-        kwargs = load_kwargs(cfg)
-        if launch is not None and not kwargs["device"] and not kwargs["device_map"]:
-            kwargs["device"] = launch.device
-        loaded = load_model(cfg.model, **kwargs)
+        # --engine vllm: tokenizer and config only (the NIH and MT-Bench parts run in vLLM); the transformers
+        # model is loaded after them, for the attention and QA parts
+        loaded = load_for_engine(cfg) if cfg.engine != "transformers" else None
+        if loaded is None:
+            from ..models import load_model
+
+            loaded = load_model(cfg.model, **kwargs)
         model, tokenizer, model_name = loaded.model, loaded.tokenizer, model_name or loaded.name
     model_name = model_name or cfg.model
     for part in parts.values():
@@ -131,6 +141,29 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
     seconds["niah"] = time.perf_counter() - t0
     if cfg.shard is not None or (launch is not None and not launch.main):
         return StudyRun(out=out, niah=niah, attention=None, seconds=seconds, tasks=tasks)  # the main merges
+
+    mtbench: dict[str, Any] = {}
+
+    def run_mtbench_part() -> None:
+        from ..mtbench import run_mtbench
+
+        t0 = time.perf_counter()
+        for mcfg in cfg.mtbench_configs():
+            summary = run_mtbench(mcfg, model=model, tokenizer=tokenizer, model_name=model_name).summary
+            mtbench[summary["condition"]] = summary
+        seconds["mtbench"] = time.perf_counter() - t0
+
+    if cfg.engine != "transformers":  # the generating parts first, then vLLM is shut down for the transformers parts
+        if cfg.mtbench_judge_url:
+            run_mtbench_part()
+        from ..engines import ConfigOnlyModel
+        from ..vllm.generate import release
+
+        release()
+        if isinstance(model, ConfigOnlyModel):
+            from ..models import load_model
+
+            model = load_model(cfg.model, **kwargs).model
 
     t0 = time.perf_counter()
     settings = {"model": model_name, "needle": needle.to_dict(), "haystack": hay_text.id,
@@ -153,15 +186,8 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
         qa = run_qa(model, tokenizer, model_name, cfg.qa, out / "qa", limit=cfg.qa_limit, data_dir=cfg.data_dir,
                     steering=steer, progress=cfg.progress)
         seconds["qa"] = time.perf_counter() - t0
-    mtbench: dict[str, Any] = {}
-    if cfg.mtbench_judge_url:
-        from ..mtbench import run_mtbench
-
-        t0 = time.perf_counter()
-        for mcfg in cfg.mtbench_configs():
-            summary = run_mtbench(mcfg, model=model, tokenizer=tokenizer, model_name=model_name).summary
-            mtbench[summary["condition"]] = summary
-        seconds["mtbench"] = time.perf_counter() - t0
+    if cfg.mtbench_judge_url and cfg.engine == "transformers":
+        run_mtbench_part()
     write_json(out / STUDY_FILE, {**meta, "seconds": {k: round(v, 1) for k, v in seconds.items()}})
     report = None
     if cfg.report:
