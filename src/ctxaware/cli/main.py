@@ -15,7 +15,7 @@ import sys
 from .. import __version__
 
 SUBCOMMANDS = ("chat", "spans", "niah", "attention", "score", "indicate", "train", "eval", "calibrate", "study",
-               "report", "serve", "mtbench", "sft-study")
+               "report", "serve", "mtbench", "sft-study", "multidoc")
 
 
 def _load(name: str):

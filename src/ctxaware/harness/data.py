@@ -119,13 +119,15 @@ def _squad(doc: Any, source: str) -> list[dict]:
                 for qa in para.get("qas", []):
                     out.append({"id": str(qa.get("id", len(out))), "passage": para["context"],
                                 "question": qa["question"],
-                                "answers": _answers(a.get("text") for a in qa.get("answers", []))})
+                                "answers": _answers(a.get("text") for a in qa.get("answers", [])),
+                                "title": str(article.get("title", ""))})
         return out
     rows = doc if isinstance(doc, list) else []
     if rows and not {"context", "question", "answers"} <= set(rows[0]):
         raise InputError(f"{source}: not SQuAD data (rows need context, question, answers; got {sorted(rows[0])})")
     return [{"id": str(r.get("id", i)), "passage": r["context"], "question": r["question"],
-             "answers": _answers(r["answers"]["text"] if isinstance(r["answers"], dict) else r["answers"])}
+             "answers": _answers(r["answers"]["text"] if isinstance(r["answers"], dict) else r["answers"]),
+             "title": str(r.get("title", ""))}
             for i, r in enumerate(rows)]
 
 

@@ -9,17 +9,20 @@ Prompts (METHOD §5), zero-shot, one user turn:
 The indicator variant appends ``" [IND]"`` to the question. Each lm-eval doc carries its prompt in
 ``prompt`` and the task's chat-template switch in ``ctxaware_chat_template`` (read by the
 ``ctxaware`` model class; other lm-eval models ignore it). Metric "contains": 1 when any gold answer
-occurs in the output, case-insensitively.
+occurs in the output, case-insensitively. :func:`exact_match` and :func:`f1` are SQuAD's (its answer
+normalisation: lower case, no punctuation, no articles a/an/the, single spaces).
 """
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from ..scoring.indicator import INDICATOR
 from .data import DATASETS, load_records
 
 TEMPLATE_FIELD = "ctxaware_chat_template"
+_PUNCTUATION = frozenset(string.punctuation)
 VARIANTS = ("ind", "no_ind", "no_template")
 PROMPTS = {
     "squad": "{passage}\nAnswer the question according to the above passage: {question}",
@@ -32,6 +35,36 @@ PROMPTS = {
 def build_prompt(dataset: str, passage: str, question: str, *, indicator: bool = False) -> str:
     """The user message for one question (``indicator`` appends " [IND]" to the question)."""
     return PROMPTS[dataset].format(passage=passage, question=question + (" " + INDICATOR if indicator else ""))
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, punctuation and the articles a/an/the removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def exact_match(output: str, answers: list[str]) -> float:
+    """1.0 when the normalised output equals a normalised gold answer (SQuAD's exact match)."""
+    got = normalize_answer(output)
+    return float(any(got == normalize_answer(a) for a in answers if a.strip()))
+
+
+def f1(output: str, answers: list[str]) -> float:
+    """SQuAD's token F1 of the normalised output against the best gold answer."""
+    from collections import Counter
+
+    pred = normalize_answer(output).split()
+    best = 0.0
+    for a in answers:
+        gold = normalize_answer(a).split()
+        if not gold or not pred:
+            best = max(best, float(gold == pred)) if a.strip() else best
+            continue
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same:
+            p, r = same / len(pred), same / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
 
 
 def contains(output: str, answers: list[str]) -> float:

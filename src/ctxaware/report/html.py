@@ -2,7 +2,8 @@
 
 Sections: verdict (one sentence per finding, per model), a table of NIH cells found per mode and
 model, heatmaps per mode side by side, recall vs length, attention by role, QA with standard
-errors, MT-Bench per model and condition, calibration, and provenance (model, versions, configuration, reproducing commands).
+errors, MT-Bench per model and condition, calibration, context awareness during training (the curves
+of ``context_awareness.jsonl``), and provenance (model, versions, configuration, reproducing commands).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def findings(m: ModelResults) -> list[Finding]:
         out += attention_findings(m.attention)
     if m.qa:
         out += qa_findings(m.qa)
+    if m.multidoc:
+        from .multidoc import multidoc_findings
+
+        out += multidoc_findings(m.multidoc)
     return out
 
 
@@ -139,6 +144,19 @@ def render_page(models: Sequence[ModelResults], generated: str) -> str:
                      _img(charts.attention_roles(a, m.model), f"attention by role of {m.model}")]
     if any(m.qa for m in models):
         body += ["<h2>Contextual QA</h2>", qa_table(models)]
+    if any(m.multidoc for m in models):
+        from ..multidoc.plot import positions_figure
+        from ..multidoc.summary import position_rows, summarize
+
+        body.append("<h2>Multi-document QA by gold position</h2><p>Accuracy (a gold answer contained in the short "
+                    "answer) against the position of the document that holds the answer, among k distractors "
+                    "from other articles; mean over questions and phrasings.</p>")
+        for m in models:
+            if m.multidoc:
+                head, rows = position_rows(summarize(m.multidoc))
+                body += [f"<h3>{escape(m.model)}</h3>", _table(head, rows, "multidoc"),
+                         _img(charts.to_uri(positions_figure(m.multidoc, title=m.model)),
+                              f"accuracy by gold position of {m.model}")]
     if any(m.mtbench for m in models):
         body.append("<h2>MT-Bench</h2><p>General ability next to context use: MT-Bench single-answer grading "
                     "(1–10) by the judge of each row, the mean over judged turns. A turn left without a rating "
@@ -153,6 +171,10 @@ def render_page(models: Sequence[ModelResults], generated: str) -> str:
         if c["rows"]:
             cols = list(c["rows"][0])[:8]
             body.append(_table(cols, [[r.get(k, "") for k in cols] for r in c["rows"][:20]]))
+    if any(m.monitor for m in models):
+        from .monitor import section
+
+        body.append(section({m.model: m.monitor for m in models if m.monitor}))
     body.append("<h2>Provenance</h2>" + "".join(_provenance(m) for m in models))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>ctxaware report: {escape(names)}</title><style>{CSS}</style></head><body>"

@@ -9,7 +9,9 @@
 - eval: ``results.json`` of ``ctxaware eval`` (lm-eval's layout);
 - calibration: ``steering.yaml`` (+ ``search.json``) of ``ctxaware calibrate``;
 - MT-Bench: ``answers.jsonl`` + ``summary.json`` of ``ctxaware mtbench`` (a study's ``mtbench/``), one
-  summary per condition and judge.
+  summary per condition and judge;
+- training probes: ``context_awareness.jsonl`` of ``ctxaware train --monitor`` (a run's output directory,
+  or an sft-study arm's ``model/``), read by :mod:`.monitor`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ class ModelResults:
     niah: list[dict[str, Any]] = field(default_factory=list)  # NIH records
     niah_dirs: list[Path] = field(default_factory=list)
     niah_config: dict[str, Any] = field(default_factory=dict)
+    niah_identity: dict[str, Any] | None = None  # result identity of its NIH cells (ctxaware.identity)
     attention: dict[str, Any] | None = None
     qa: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> {task: row}
+    multidoc: list[dict[str, Any]] = field(default_factory=list)  # multi-document QA records (ctxaware multidoc)
     calibration: dict[str, Any] | None = None
     mtbench: list[dict[str, Any]] = field(default_factory=list)  # one summary per (condition, judge)
+    monitor: list[dict[str, Any]] = field(default_factory=list)  # training probes (context_awareness.jsonl)
     study: dict[str, Any] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     commands: dict[str, str] = field(default_factory=dict)
@@ -71,6 +76,14 @@ def _json(path: Path) -> Any:
         raise InputError(f"{path}: unreadable JSON ({exc}); rerun the command that writes it") from None
 
 
+def _is_multidoc(d: Path) -> bool:
+    """Whether ``d`` holds ``ctxaware multidoc`` results (its manifest's identity kind)."""
+    try:
+        return (_json(d / "manifest.json").get("identity") or {}).get("kind") == "multidoc"
+    except (InputError, AttributeError, OSError):
+        return False
+
+
 class _Collector:
     def __init__(self) -> None:
         self.models: dict[str, ModelResults] = {}
@@ -85,8 +98,24 @@ class _Collector:
         if not records:
             raise InputError(f"{d}: results.jsonl has no finished NIH cells")
         manifest = _json(d / "manifest.json") if (d / "manifest.json").is_file() else {}
+        if isinstance(manifest.get("keys"), list):  # the last run's cells: never blended with other steering/grids
+            keys = set(manifest["keys"])
+            records = [r for r in records if r.get("key") in keys] or records
         model = records[0].get("model", "?")
+        ident = manifest.get("identity")
+        other = self.models.get(model)
+        if ident and other is not None and other.niah_identity and other.niah_identity != ident:
+            # the same model name with another dtype, device, model content, ...: its own row, never a blend
+            from ..identity import Identity
+
+            field_name = Identity.from_dict(ident).diff(other.niah_identity)[0]
+            value = ident
+            for part in field_name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            model = f"{model} [{field_name.split('.')[-1]}={value}]"
+            records = [{**r, "model": model} for r in records]
         m = self.get(model)
+        m.niah_identity = m.niah_identity or ident
         seen = {r["key"] for r in m.niah}
         m.niah += [r for r in records if r.get("key") not in seen]
         m.niah_dirs.append(d)
@@ -94,6 +123,19 @@ class _Collector:
         m.versions = manifest.get("versions") or m.versions
         if manifest.get("config"):
             m.commands.setdefault("niah", niah_command(manifest["config"], d))
+        m.sources.append(str(d))
+        return model
+
+    def multidoc(self, d: Path, model: str | None = None) -> str:
+        from ..niah.results import read_records
+
+        records = read_records(d)
+        if not records:
+            raise InputError(f"{d}: results.jsonl has no finished multi-document QA answers")
+        model = model or records[0].get("model", "?")
+        m = self.get(model)
+        seen = {r["key"] for r in m.multidoc}
+        m.multidoc += [r for r in records if r.get("key") not in seen]
         m.sources.append(str(d))
         return model
 
@@ -132,10 +174,21 @@ class _Collector:
 
         for run in read_mtbench(d)["runs"]:
             m = self.get(run["model"])
-            m.mtbench = [r for r in m.mtbench if (r["condition"], r["judge"]) != (run["condition"], run["judge"])]
+            row = (run["condition"], run["judge"], run.get("judge_url"))  # one row per (model, condition, judge)
+            m.mtbench = [r for r in m.mtbench if (r["condition"], r["judge"], r.get("judge_url")) != row]
             m.mtbench.append({**run, "dir": str(d)})
             if str(d) not in m.sources:
                 m.sources.append(str(d))
+
+    def monitor(self, path: Path, model: str) -> None:
+        from .monitor import read_monitor
+
+        records = read_monitor(path)
+        if not records:
+            raise InputError(f"{path}: no finished probe in it")
+        m = self.get(model)
+        m.monitor = records
+        m.sources.append(str(path))
 
     def study(self, d: Path) -> None:
         data = _json(d / "study.json")
@@ -146,6 +199,10 @@ class _Collector:
             model = self.niah(task_dir)
         m = self.get(model)
         m.study, m.commands = data, data.get("commands", {})
+        from .monitor import monitor_path
+
+        if monitor_path(d):  # an sft-study arm: its training run's probes (DIR/<arm>/model/)
+            self.monitor(monitor_path(d), model)
         m.versions = data.get("versions") or m.versions
         if (d / "attention" / "attention.json").is_file():
             self.attention(d / "attention" / "attention.json", model)
@@ -153,13 +210,18 @@ class _Collector:
             self.qa(p, model)
         if (d / "mtbench" / "answers.jsonl").is_file():
             self.mtbench(d / "mtbench")
+        if (d / "multidoc" / "results.jsonl").is_file():
+            self.multidoc(d / "multidoc", model)
 
     def directory(self, d: Path, top: bool = True) -> bool:
         if (d / "study.json").is_file():
             self.study(d)
             return True
         found = False
-        if (d / "results.jsonl").is_file():
+        if (d / "results.jsonl").is_file() and _is_multidoc(d):
+            self.multidoc(d)
+            found = True
+        elif (d / "results.jsonl").is_file():
             self.niah(d)
             found = True
         if (d / "attention.json").is_file():
@@ -167,6 +229,9 @@ class _Collector:
             found = True
         if (d / "results.json").is_file():
             self.qa(d / "results.json")
+            found = True
+        if (d / "context_awareness.jsonl").is_file():  # a training run's output dir (ctxaware train --monitor)
+            self.monitor(d / "context_awareness.jsonl", d.parent.name if d.name == "model" else d.name)
             found = True
         if (d / "steering.yaml").is_file():
             self.calibration(d)
@@ -192,5 +257,5 @@ def load_results(dirs: Iterable[str | Path]) -> list[ModelResults]:
                                          "calibration or mtbench output directories")
         if not c.directory(d):
             raise InputError(f"{d}: no results found (expected study.json, results.jsonl, attention.json, "
-                             "results.json, steering.yaml or answers.jsonl + summary.json)")
+                             "results.json, steering.yaml, answers.jsonl + summary.json or context_awareness.jsonl)")
     return list(c.models.values())
