@@ -133,3 +133,17 @@ def test_power_against_simulation_and_sizes():
     # means: the textbook formula
     assert stats.mde_means(100, 1.0) == pytest.approx((1.959964 + 0.841621) / 10, rel=1e-5)
     assert stats.n_for_means(0.28, 1.0) == math.ceil(((1.959964 + 0.841621) / 0.28) ** 2)
+
+
+def test_study_target_effect_sizes_the_grid():
+    from ctxaware.errors import ConfigError
+    from ctxaware.study.config import StudyConfig
+
+    need = stats.n_for_proportions(0.3)
+    cfg = StudyConfig(target_effect=0.3)
+    cells = len(cfg.niah_config().grid_lengths()) * len(cfg.niah_config().grid_depths())
+    assert cells >= need > 15 and cells - 3 < need  # the fewest depths (3 lengths) that reach it
+    assert stats.mcnemar_power(cells, 0.3) >= 0.8
+    assert StudyConfig(target_effect=0.9).niah_config().grid_depths() == [0, 25, 50, 75, 100]  # 15 cells suffice
+    with pytest.raises(ConfigError, match=r"needs at least \d+ cells per mode"):
+        StudyConfig(target_effect=0.02)

@@ -36,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"study: {recs[0]['model']} · needle {recs[0]['needle']} · haystack {recs[0]['haystack']} "
               f"· {len(recs)} NIH cells ({run.new_cells} new){shard}")
         print(format_table(run.summary))
+        n = min(s["cells"] for s in run.summary.values()) if run.summary else 0
+        if n:
+            from ..report.verdict import mde_phrase
+
+            print(f"detectable between two modes (exact McNemar, 5 % level): {mde_phrase(n)}")
     if result.attention is None:
         print("NIH shard done; rerun the same command without --shard to merge the shards and run the other parts"
               if config.shard else "this process's NIH shard is done; the main process merges and goes on")

@@ -37,6 +37,11 @@ class StudyConfig(ConfigMixin):
                            "needle name or file; each runs in every mode into its own DIR/niah-<task>/ "
                            "(default: only --needle, into DIR/niah)")
     effective_threshold: float = field(0.85, help="mean recall a length must reach for the NIH effective length")
+    target_effect: float | None = field(None, metavar="D",
+                                        help="size the NIH grid to detect a difference D (0-1) in the share of cells "
+                                             "found between two modes (exact McNemar, 5 %% level, 80 %% power): depths "
+                                             "are spread evenly until lengths x depths reach the cells needed, or the "
+                                             "study says how many it would need (default: the grid as given)")
     shard: str | None = field(None, metavar="I/N",
                               help="run only shard I of N of every NIH grid (see ctxaware niah --shard) and stop; "
                                    "a later run without --shard merges the shards and runs the other parts")
@@ -102,10 +107,36 @@ class StudyConfig(ConfigMixin):
         if not self.steering and (Path(self.out) / "steering.yaml").is_file():
             self.steering = str(Path(self.out) / "steering.yaml")  # ctxaware calibrate --out DIR wrote one
         self.task = _task_list(self.task)
+        if self.target_effect is not None:
+            self._size_grid()
         from ..niah.needles import load_needle
 
         for cfg in self.niah_configs().values():  # validates grid, modes, α, heads now rather than after loading
             load_needle(cfg.needle)  # and the task files: one line naming the bad key
+
+    def _size_grid(self) -> None:
+        """``--target-effect``: the cells one mode needs (:func:`ctxaware.stats.n_for_proportions`, all discordant
+        cells one way: the fewest possible) and depths spread evenly over 0-100 % to reach them."""
+        import logging
+        import math
+
+        from ..stats import n_for_proportions
+
+        if not 0 < float(self.target_effect) <= 1:
+            raise ConfigError(f"target_effect must be in (0, 1], got {self.target_effect}")
+        need = n_for_proportions(float(self.target_effect))
+        lengths = self.niah_config().grid_lengths()
+        depths = self.niah_config().grid_depths()
+        if len(lengths) * len(depths) >= need:
+            return
+        per = math.ceil(need / len(lengths))
+        if per > 101:
+            raise ConfigError(f"target_effect {self.target_effect:g} needs at least {need} cells per mode; "
+                              f"{len(lengths)} length(s) x 101 depths give {101 * len(lengths)}: add --lengths "
+                              f"(at least {math.ceil(need / 101)})")
+        self.depths = ",".join(f"{100 * i / (per - 1):.4g}" for i in range(per))
+        logging.getLogger(__name__).info("target effect %g: %d cells per mode needed, %d length(s) x %d depths",
+                                         self.target_effect, need, len(lengths), per)
 
     def niah_config(self, task: str | None = None) -> NiahConfig:
         """The NIH part of the study for ``task`` (results in ``DIR/niah-<task>``), or for ``needle`` (``DIR/niah``)."""
