@@ -155,7 +155,7 @@ def test_run_with_faults_summary_equals_independent_mean(tiny, data, tmp_path):
                           tokenizer=tok, model_name="tiny")
     answers, judgments = _lines(out / "answers.jsonl"), _lines(out / "judgments.jsonl")
     assert [a["question_id"] for a in answers] == [1, 2, 3, 4]
-    assert all(len(a["turns"]) == 2 and a["condition"] == "chat" and a["model"] == "tiny" for a in answers)
+    assert all(len(a["turns"]) == 2 and a["condition"] == "chat+dtype=float32" and a["model"] == "tiny" for a in answers)
     assert len(judgments) == 8 and len({(j["question_id"], j["turn"]) for j in judgments}) == 8
     bad = [j for j in judgments if j["score"] is None]
     assert [(j["question_id"], j["turn"]) for j in bad] == [(4, 2)] and bad[0]["tries"] == 4
@@ -215,7 +215,7 @@ def test_conditions_share_a_directory_and_unjudged_turns_rejudge_on_request(tiny
         assert plain.summary["unjudged"] == 1
         ind = run_mtbench(_config(data, out, judge, limit=2, indicator=True, alpha=0.5, heads="0"), model=model,
                           tokenizer=tok, model_name="tiny")
-        assert ind.summary["condition"] == "chat+ind+steer(alpha=0.5,heads=0)" and ind.summary["unjudged"] == 0
+        assert ind.summary["condition"] == "chat+ind+steer(alpha=0.5,heads=0)+dtype=float32" and ind.summary["unjudged"] == 0
         prompts = [b["messages"][1]["content"] for b in judge.seen]
         assert not any("[IND]" in p.split("<<A")[0] for p in prompts)  # the judge sees the plain question
         again = run_mtbench(_config(data, out, judge, limit=2, rejudge_unjudged=True), model=model, tokenizer=tok,
@@ -227,7 +227,7 @@ def test_conditions_share_a_directory_and_unjudged_turns_rejudge_on_request(tiny
     judgments = _lines(out / "judgments.jsonl")
     assert len(judgments) == 8 and all(j["score"] is not None for j in judgments)
     runs = {r["condition"]: r for r in read_mtbench(out)["runs"]}
-    assert set(runs) == {"chat", "chat+ind+steer(alpha=0.5,heads=0)"}
+    assert set(runs) == {"chat+dtype=float32", "chat+ind+steer(alpha=0.5,heads=0)+dtype=float32"}
     assert all(r["judged"] == 4 for r in runs.values())
     # the report: one table for the model, a row per condition, categories side by side
     from ctxaware.report import build_report, load_results
@@ -336,7 +336,7 @@ def test_study_runs_mtbench_plain_and_steered_into_its_directory(tiny, tmp_path)
                           mtbench_judge_url=judge.base_url, mtbench_limit=2, mtbench_data_dir=str(data),
                           mtbench_max_new_tokens=4)
         run = run_study(cfg, model=model, tokenizer=tok, model_name="tiny")
-    assert set(run.mtbench) == {"chat", "chat+steer(alpha=0.5,heads=all)"}
+    assert set(run.mtbench) == {"chat+dtype=float32", "chat+steer(alpha=0.5,heads=all)+dtype=float32"}
     assert all(s["judged"] == 4 and s["judge"] == "fake-judge" for s in run.mtbench.values())
     assert read_mtbench(tmp_path / "s" / "mtbench")["runs"] == [
         {k: v for k, v in s.items() if k not in ("all", "data")} for s in run.mtbench.values()]
@@ -370,7 +370,48 @@ def test_adapter_and_no_template_conditions(tiny, data, tmp_path):
         with pytest.raises(ConfigError, match="not both"):
             run_mtbench(_config(data, out, judge, adapter=str(tmp_path / "adapter")), model=model, tokenizer=tok)
     assert a.summary["model"] == raw.summary["model"] == str(base)
-    assert a.summary["condition"] == "chat+adapter=adapter" and raw.summary["condition"] == "raw"
+    import re
+
+    assert re.fullmatch(r"chat\+adapter=adapter@[0-9a-f]{8}\+dtype=float32", a.summary["condition"])
+    assert raw.summary["condition"].startswith("raw+dtype=")
     assert a.summary["judged"] == raw.summary["judged"] == 2
-    assert {r["condition"] for r in read_mtbench(out)["runs"]} == {"chat+adapter=adapter", "raw", "chat"}
+    assert {r["condition"] for r in read_mtbench(out)["runs"]} == {a.summary["condition"], raw.summary["condition"],
+                                                                   plain.summary["condition"]}
     assert a.answers[0]["turns"] != plain.answers[0]["turns"]  # the adapter's weights were applied
+
+
+def test_same_folder_name_adapters_dtypes_and_judges_never_share_answers(tiny, data, tmp_path):
+    """Issue 26: two LoRA adapters both saved as ``.../model`` (sft-study's layout) into one --out, then two dtypes,
+    then two judges: each is its own condition (or judge row) with its own answers, equal to a fresh directory's."""
+    peft = pytest.importorskip("peft")
+    from ctxaware.models import load_model
+
+    model, tok = tiny
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    for seed, arm in ((0, "vanilla"), (1, "conditional")):
+        torch.manual_seed(seed)
+        lora = peft.get_peft_model(load_model(base, device="cpu", dtype="float32").model,
+                                   peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        lora.peft_config["default"].base_model_name_or_path = str(base)
+        lora.save_pretrained(tmp_path / arm / "model")
+    out = tmp_path / "run"
+    with FakeJudge() as judge:
+        kw = dict(limit=1, device="cpu")
+        runs = [run_mtbench(_config(data, out, judge, adapter=str(tmp_path / arm / "model"), dtype="float32", **kw))
+                for arm in ("vanilla", "conditional")]
+        fresh = run_mtbench(_config(data, tmp_path / "fresh", judge, adapter=str(tmp_path / "conditional" / "model"),
+                                    dtype="float32", **kw))
+        assert runs[0].summary["condition"] != runs[1].summary["condition"]
+        assert runs[1].answers[0]["turns"] == fresh.answers[0]["turns"] != runs[0].answers[0]["turns"]
+        bf16 = run_mtbench(_config(data, out, judge, adapter=str(tmp_path / "vanilla" / "model"), dtype="bfloat16",
+                                   **kw))
+        assert bf16.summary["condition"].endswith("+dtype=bfloat16") and bf16.seconds.get("generate")
+        with FakeJudge() as other:  # another endpoint serving a judge of the same name: its own row
+            again = run_mtbench(_config(data, out, other, adapter=str(tmp_path / "vanilla" / "model"),
+                                        dtype="float32", **kw))
+        assert "generate" not in again.seconds and again.summary["judged"] == 2
+    rows = read_mtbench(out)["runs"]
+    assert len(rows) == 4 and all(r["judged"] == 2 for r in rows)  # no row blends two judges or conditions
+    assert len({(r["condition"], r["judge_url"]) for r in rows}) == 4

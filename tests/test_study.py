@@ -122,7 +122,7 @@ def test_study_qa_through_lm_eval(tiny, tmp_path):
     for variant, task in (("chat", "ctxaware_squad_no_ind"), ("raw", "ctxaware_squad_no_template")):
         row = run.qa[variant]["tables"][task]
         assert row["n"] == 2 and 0.0 <= row["value"] <= 1.0 and row["stderr"] is not None
-    assert run.qa["chat+steer"]["settings"]["alpha"] == 0.5
+    assert run.qa["chat+steer"]["settings"]["identity"]["steering"]["alpha"] == 0.5
     page = (tmp_path / "s" / "report.html").read_text()
     assert "ctxaware_squad_no_template" in page and "standard error" in page
     import ctxaware.harness.model as hm

@@ -199,6 +199,16 @@ def model_id(name_or_path: str | os.PathLike | None) -> str:
     return name
 
 
+def model_ref(configured: str | os.PathLike | None, name: str | None = None, *, given: bool = False) -> str:
+    """:func:`model_id` of the model a run uses: the configured one (``--model``) when the run loads it itself or
+    when it is a file or directory on disk (sft-study passes its arms' loaded models with names such as
+    ``vanilla``: the trained directory's content counts, not the name); else of ``name``, the name a caller
+    gave its already loaded model."""
+    if not given or name is None or (configured is not None and Path(str(configured)).expanduser().exists()):
+        return model_id(configured)
+    return model_id(name)
+
+
 def resolve_dtype(dtype: Any, device: Any = None) -> str:
     """``"auto"`` (or a torch dtype, or a name) → ``"float32"``/``"bfloat16"``/``"float16"`` for ``device``."""
     if dtype is not None and not isinstance(dtype, str):
@@ -276,20 +286,21 @@ class Identity:
         b = other.fields if isinstance(other, Identity) else json.loads(_dumps(other))
         return _diff(self.to_dict(), b)
 
-    def require_same(self, stored: Identity | dict[str, Any] | None, where: str) -> None:
+    def require_same(self, stored: Identity | dict[str, Any] | None, where: str,
+                     fix: str = "use another --out, or --overwrite to discard them") -> None:
         """Raise a one-line :class:`ConfigError` when ``stored`` (the identity of the results in ``where``)
-        differs from this one; ``None`` (results written before identities existed) is refused too."""
+        differs from this one, ending with ``fix``; ``None`` (results written before identities existed) is
+        refused too."""
         if stored is None:
             raise ConfigError(f"{where} holds results written without a result identity (an older ctxaware); "
-                              "rerun with --overwrite to recompute them, or use another --out")
+                              f"{fix.replace('to discard them', 'to recompute them')}")
         diff = self.diff(stored)
         if diff:
             other = stored.to_dict() if isinstance(stored, Identity) else stored
             name = diff[0]
             raise ConfigError(f"{where} holds results of another configuration: {name} is "
                               f"{_short(_get(other, name))} there and {_short(_get(self.to_dict(), name))} now"
-                              f"{f' (and {len(diff) - 1} more field(s))' if len(diff) > 1 else ''}; use another "
-                              "--out, or --overwrite to discard them")
+                              f"{f' (and {len(diff) - 1} more field(s))' if len(diff) > 1 else ''}; {fix}")
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

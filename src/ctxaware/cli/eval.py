@@ -112,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
         steering = config_from_args(SteeringConfig, args, base=steering_base(args.steering))
     from ..harness.model import CtxawareLM
 
-    lm = CtxawareLM(pretrained=args.model, alpha=steering.alpha, heads=steering.heads, emphasis=steering.emphasis,
-                    compounding=steering.compounding, chat_template=args.chat_template, dtype=args.dtype,
+    lm = CtxawareLM(pretrained=args.model, steering=steering, chat_template=args.chat_template, dtype=args.dtype,
                     device=args.device, device_map=args.device_map, attn_implementation=args.attn_implementation,
                     trust_remote_code=args.trust_remote_code, batch_size=args.batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, log_samples=args.log_samples,

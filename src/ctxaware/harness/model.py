@@ -81,6 +81,9 @@ class CtxawareLM(HFLM):
         heads: Any = "all",
         emphasis: str = "user",
         compounding: str = "none",
+        rule: str = "alpha",
+        share: float = 0.5,
+        steering: SteeringConfig | None = None,
         chat_template: Any = None,
         dtype: str = "auto",
         device: str | None = None,
@@ -92,8 +95,10 @@ class CtxawareLM(HFLM):
     ) -> None:
         from ..models import load_model, load_tokenizer
 
-        self.steering = SteeringConfig(alpha=alpha, heads=_heads(heads), emphasis=str(emphasis),
-                                       compounding=str(compounding))
+        # the whole steering (a steering file's, or these fields): rule and share included
+        self.steering = steering if steering is not None else SteeringConfig(
+            alpha=alpha, heads=_heads(heads), emphasis=str(emphasis), compounding=str(compounding), rule=str(rule),
+            share=float(share))
         self.chat_template_mode = parse_template_mode(chat_template)
         if pretrained is None or isinstance(pretrained, (str, os.PathLike)):
             device = None if device_map not in (None, "") else resolve_device(device)

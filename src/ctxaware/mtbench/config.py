@@ -140,8 +140,16 @@ class MtBenchConfig(ConfigMixin):
             tpl = f"{Path(self.template_file).name}:{hashlib.sha256(self.template_text().encode()).hexdigest()[:8]}"
         return {"template": "none" if not self.template else (tpl or "own"), "indicator": bool(self.indicator),
                 "steering": steering_tag(steer) if steer is not None and steer.active else None,
-                "adapter": Path(self.adapter).name if self.adapter else None, "label": self.label,
+                "adapter": _adapter_tag(self.adapter) if self.adapter else None, "label": self.label,
                 **engine_identity(self)}
+
+
+def _adapter_tag(adapter: str) -> str:
+    """``NAME@DIGEST``: the folder name for people, the content digest so that two adapters saved under the same
+    folder name (sft-study's ``vanilla/model`` and ``conditional/model``) are two conditions."""
+    from ..identity import dir_digest
+
+    return f"{Path(adapter).name}@{dir_digest(adapter)[:8]}"
 
 
 def steering_tag(steer: Any) -> str:
@@ -157,7 +165,7 @@ def steering_tag(steer: Any) -> str:
 
 def condition_name(condition: dict[str, Any]) -> str:
     """Canonical name of a condition dict: ``chat`` / ``raw`` / ``template=F``, then ``+ind``,
-    ``+steer(...)``, ``+adapter=NAME``, ``+label=X``, ``+engine=vllm`` (answers of the transformers engine carry
+    ``+steer(...)``, ``+adapter=NAME@DIGEST``, ``+label=X``, ``+engine=vllm``, ``+dtype=D`` (answers of the transformers engine carry
     no engine part, so vLLM answers never reuse theirs)."""
     tpl = condition.get("template", "own")
     parts = ["chat" if tpl == "own" else "raw" if tpl == "none" else f"template={tpl}"]
@@ -171,4 +179,6 @@ def condition_name(condition: dict[str, Any]) -> str:
         parts.append(f"label={condition['label']}")
     if condition.get("engine", "transformers") != "transformers":
         parts.append(f"engine={condition['engine']}")
+    if condition.get("dtype"):  # answers of two dtypes are two conditions (two report rows), never one
+        parts.append(f"dtype={condition['dtype']}")
     return "+".join(parts)

@@ -51,7 +51,41 @@ def answer_key(rec: dict[str, Any]) -> tuple:
 
 
 def judgment_key(rec: dict[str, Any]) -> tuple:
-    return rec["model"], rec["condition"], str(rec["question_id"]), int(rec["turn"]), rec["judge"]
+    return rec["model"], rec["condition"], str(rec["question_id"]), int(rec["turn"]), rec["judge"], rec.get("judge_url")
+
+
+def _group(j: dict[str, Any]) -> tuple:
+    """A summary row: one (model, condition, judge model, judge endpoint)."""
+    return j["model"], j["condition"], j["judge"], j.get("judge_url")
+
+
+def answer_identity(cfg: MtBenchConfig, model: Any, model_name: str | None, dtype: str, device: str) -> Any:
+    """The :class:`~ctxaware.identity.Identity` of this run's answers: model (and adapter) by content, dtype,
+    device class, engine, template, steering, [IND], decoding budget and label."""
+    from ..identity import model_id, model_ref, result_identity
+    from ..models import _adapter_base
+
+    adapter = model_id(cfg.adapter) if cfg.adapter else None
+    base = model_id(_adapter_base(Path(cfg.adapter)) or cfg.model) if cfg.adapter else \
+        model_ref(cfg.model, model_name, given=model is not None)
+    cond = cfg.condition()
+    steer = cfg.steering_config()
+    return result_identity("mtbench-answer", model=base, adapter=adapter, dtype=dtype, device=device,
+                           engine=cfg.engine, template=cond["template"] != "none" and cond["template"],
+                           steering=steer if steer is not None and steer.active else None, indicator=cfg.indicator,
+                           max_new_tokens=cfg.max_new_tokens, extra={"label": cfg.label})
+
+
+def _resolved(cfg: MtBenchConfig, model: Any) -> tuple[str, str]:
+    """``(dtype, device class)`` of the run, before loading (or of the model given)."""
+    from ..identity import device_class, model_dtype, resolve_dtype
+
+    if model is not None:
+        return model_dtype(model), device_class(model)
+    from ..models import default_device
+
+    device = cfg.device or default_device()
+    return resolve_dtype(cfg.dtype, device), device_class(device)
 
 
 def _prompt_hash(q: Question) -> str:
@@ -63,18 +97,19 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def summarize(answers: Iterable[dict[str, Any]], judgments: Iterable[dict[str, Any]], *, model: str,
-              condition: str, judge: str) -> dict[str, Any]:
+              condition: str, judge: str, judge_url: str | None = None) -> dict[str, Any]:
     """Scores of one (model, condition, judge) from the records: ``score`` (mean over judged turns, None
     when none is), ``turns`` {"1", "2"}, ``categories`` (mean over both turns), ``judged``/``unjudged``."""
     answers = [a for a in answers if a["model"] == model and a["condition"] == condition]
     cats = {str(a["question_id"]): a["category"] for a in answers}
-    rows = [j for j in judgments if j["model"] == model and j["condition"] == condition and j["judge"] == judge]
+    rows = [j for j in judgments if j["model"] == model and j["condition"] == condition and j["judge"] == judge
+            and j.get("judge_url") == judge_url]
     scored = [j for j in rows if j.get("score") is not None]
     by_cat: dict[str, list[float]] = {c: [] for c in dict.fromkeys(cats.values())}
     for j in scored:
         by_cat.setdefault(cats.get(str(j["question_id"]), j.get("category", "?")), []).append(float(j["score"]))
     info = next((a.get("condition_info") for a in answers if a.get("condition_info")), None)
-    return {"model": model, "condition": condition, "condition_info": info, "judge": judge,
+    return {"model": model, "condition": condition, "condition_info": info, "judge": judge, "judge_url": judge_url,
             "score": _mean([float(j["score"]) for j in scored]),
             "turns": {t: _mean([float(j["score"]) for j in scored if str(j["turn"]) == t]) for t in ("1", "2")},
             "categories": {c: _mean(v) for c, v in by_cat.items()},
@@ -93,8 +128,8 @@ def read_mtbench(directory: str | Path) -> dict[str, Any]:
         raise InputFileNotFoundError(f"{d} is not an MT-Bench directory (no {ANSWERS}); run ctxaware mtbench --out {d}")
     answers = read_jsonl(d / ANSWERS)
     judgments = read_jsonl(d / JUDGMENTS) if (d / JUDGMENTS).is_file() else []
-    groups = dict.fromkeys((j["model"], j["condition"], j["judge"]) for j in judgments)
-    runs = [summarize(answers, judgments, model=m, condition=c, judge=jm) for m, c, jm in groups]
+    groups = dict.fromkeys(_group(j) for j in judgments)
+    runs = [summarize(answers, judgments, model=m, condition=c, judge=jm, judge_url=ju) for m, c, jm, ju in groups]
     summary = None
     if (d / SUMMARY).is_file():
         import json
@@ -117,7 +152,7 @@ def _model_name(cfg: MtBenchConfig, model: Any, model_name: str | None) -> str:
 
 
 def _check_answers(existing: dict[tuple, dict], questions: Sequence[Question], cfg: MtBenchConfig, name: str,
-                   cond: str, out: Path) -> None:
+                   cond: str, out: Path, identity: Any = None) -> None:
     for q in questions:
         a = existing.get((name, cond, str(q.question_id)))
         if a is None:
@@ -129,10 +164,13 @@ def _check_answers(existing: dict[tuple, dict], questions: Sequence[Question], c
             raise ConfigError(f"{out / ANSWERS} holds answers of {name} ({cond}) generated with max_new_tokens="
                               f"{a.get('max_new_tokens')}; pass --max-new-tokens {a.get('max_new_tokens')} or "
                               "use another --out")
+        if identity is not None:  # same names, another model content, device, steering, ...: one line, never reused
+            identity.require_same(a.get("identity"), f"{out / ANSWERS} ({name}, {cond})",
+                                  fix="use another --out (or delete its answers.jsonl)")
 
 
 def _generate(cfg: MtBenchConfig, questions: list[Question], model: Any, tokenizer: Any, name: str,
-              cond: dict[str, Any], source: str, path: Path) -> list[dict[str, Any]]:
+              cond: dict[str, Any], source: str, path: Path, identity: Any = None) -> list[dict[str, Any]]:
     """Answer both turns of ``questions`` in batches, appending each batch's records (one fsync)."""
     from tqdm.auto import tqdm
 
@@ -178,7 +216,8 @@ def _generate(cfg: MtBenchConfig, questions: list[Question], model: Any, tokeniz
             seconds = (time.perf_counter() - t0) / len(batch)
             recs = [{"question_id": q.question_id, "category": q.category, "turns": [a1, a2], "model": name,
                      "condition": cname, "condition_info": cond, "max_new_tokens": cfg.max_new_tokens,
-                     "prompt_sha": _prompt_hash(q), "data": source, "seconds": round(seconds, 3)}
+                     "prompt_sha": _prompt_hash(q), "data": source, "seconds": round(seconds, 3),
+                     **({"identity": identity.to_dict()} if identity is not None else {})}
                     for q, a1, a2 in zip(batch, first, second)]
             app.write_many(recs)
             records += recs
@@ -197,6 +236,7 @@ def _judge(cfg: MtBenchConfig, client: JudgeClient, tasks: list[tuple[Question, 
     def record(q: Question, a: dict[str, Any], turn: int, prompt: str, v: Any) -> dict[str, Any]:
         return {"question_id": q.question_id, "category": q.category, "turn": turn, "score": v.score,
                 "judge_reply": v.reply, "model": a["model"], "condition": a["condition"], "judge": client.model,
+                "judge_url": client.base_url,
                 "judge_prompt": prompt, "tries": v.tries, "error": v.error}
 
     with JsonlAppender(path) as app, tqdm(total=len(tasks), desc="MT-Bench judging", unit="turn",
@@ -257,14 +297,16 @@ def run_mtbench(config: MtBenchConfig | None = None, *, model: Any = None, token
     questions = select(data.questions, cfg.limit)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cond = cfg.condition()
+    dtype, device = _resolved(cfg, model)
+    cond = {**cfg.condition(), "dtype": dtype}
     cname = condition_name(cond)
     name = _model_name(cfg, model, model_name)
+    identity = answer_identity(cfg, model, model_name, dtype, device)
     seconds: dict[str, float] = {}
     with judge_client(cfg) as client:
         judge_model = client.check()  # before loading or generating anything
         existing = {answer_key(a): a for a in _read(out / ANSWERS)}
-        _check_answers(existing, questions, cfg, name, cname, out)
+        _check_answers(existing, questions, cfg, name, cname, out, identity)
         missing = [q for q in questions if (name, cname, str(q.question_id)) not in existing]
         if missing:
             t0 = time.perf_counter()
@@ -273,32 +315,32 @@ def run_mtbench(config: MtBenchConfig | None = None, *, model: Any = None, token
 
                 loaded = load_for_engine(cfg, cfg.adapter or cfg.model)  # vLLM: tokenizer and config only
                 model, tokenizer = loaded.model, loaded.tokenizer
-            for a in _generate(cfg, missing, model, tokenizer, name, cond, data.source, out / ANSWERS):
+            for a in _generate(cfg, missing, model, tokenizer, name, cond, data.source, out / ANSWERS, identity):
                 existing[answer_key(a)] = a
             seconds["generate"] = time.perf_counter() - t0
 
         judgments = _read(out / JUDGMENTS)
         if cfg.rejudge_unjudged and any(j.get("score") is None for j in judgments):
-            mine = {(name, cname, judge_model)}
-            judgments = [j for j in judgments if j.get("score") is not None
-                         or (j["model"], j["condition"], j["judge"]) not in mine]
+            mine = {(name, cname, judge_model, client.base_url)}
+            judgments = [j for j in judgments if j.get("score") is not None or _group(j) not in mine]
             atomic_write_jsonl(out / JUDGMENTS, judgments)
         have = {judgment_key(j) for j in judgments}
         tasks = [(q, existing[(name, cname, str(q.question_id))], turn) for q in questions for turn in (1, 2)
-                 if (name, cname, str(q.question_id), turn, judge_model) not in have]
+                 if (name, cname, str(q.question_id), turn, judge_model, client.base_url) not in have]
         if tasks:
             t0 = time.perf_counter()
             judgments += _judge(cfg, client, tasks, data.prompts, out / JUDGMENTS)
             seconds["judge"] = time.perf_counter() - t0
             logger.info("%d judge requests for %d turns", client.requests, len(tasks))
     answers = list(existing.values())
-    summary = summarize(answers, judgments, model=name, condition=cname, judge=judge_model)
-    groups = dict.fromkeys((j["model"], j["condition"], j["judge"]) for j in judgments)
-    summary["all"] = [summarize(answers, judgments, model=m, condition=c, judge=jm) for m, c, jm in groups]
+    summary = summarize(answers, judgments, model=name, condition=cname, judge=judge_model, judge_url=client.base_url)
+    groups = dict.fromkeys(_group(j) for j in judgments)
+    summary["all"] = [summarize(answers, judgments, model=m, condition=c, judge=jm, judge_url=ju)
+                      for m, c, jm, ju in groups]
     summary["data"] = data.source
     atomic_write_json(out / SUMMARY, summary)
     mine_a = [a for a in answers if a["model"] == name and a["condition"] == cname]
-    mine_j = [j for j in judgments if j["model"] == name and j["condition"] == cname and j["judge"] == judge_model]
+    mine_j = [j for j in judgments if _group(j) == (name, cname, judge_model, client.base_url)]
     return MtBenchRun(out=out, summary=summary, answers=mine_a, judgments=mine_j, seconds=seconds)
 
 

@@ -283,6 +283,15 @@ class ResultStore:
         return changed
 
 
+def write_plan(out: str | Path, keys: list[str]) -> None:
+    """Record in ``manifest.json`` the cell keys of the run that wrote the summary (``"keys"``): the report shows
+    those cells, never a blend with cells of other steering or grids that earlier runs left in the file."""
+    path = Path(out) / MANIFEST
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("keys") != keys:
+        _write_json(path, {**data, "keys": keys})
+
+
 def write_summary(out: str | Path, records: list[dict[str, Any]], modes: list[str] | None = None,
                   extra: dict[str, Any] | None = None, *, threshold: float = 0.85) -> dict[str, dict[str, Any]]:
     """Write ``summary.json`` and ``summary.md`` (average recall error, effective length at ``threshold``

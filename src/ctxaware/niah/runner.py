@@ -31,7 +31,7 @@ from .config import NiahConfig, parse_mode
 from .haystack import Haystack, read_haystack
 from .needles import Needle, load_needle
 from .prompts import Prompt, build_prompt
-from .results import ResultStore, cell_key, read_timings, with_seconds, write_summary
+from .results import ResultStore, cell_key, read_timings, with_seconds, write_plan, write_summary
 from .scoring import format_table, found_keywords, recall, summarize
 
 logger = logging.getLogger(__name__)
@@ -173,10 +173,10 @@ def niah_identity(cfg: NiahConfig, needle: Needle, haystack_id: str, *, model_re
 
 def _resolved(cfg: NiahConfig, model: Any, model_name: str | None) -> tuple[str, str, str]:
     """``(model reference, dtype, device class)`` of the run, before any model is loaded (or of the model given)."""
-    from ..identity import device_class, model_dtype, model_id, resolve_dtype
+    from ..identity import device_class, model_dtype, model_id, model_ref, resolve_dtype
 
     if model is not None:
-        return model_id(model_name or cfg.model), model_dtype(model), device_class(model)
+        return model_ref(cfg.model, model_name, given=True), model_dtype(model), device_class(model)
     device = cfg.device
     if device is None:
         from ..models import default_device
@@ -274,6 +274,7 @@ def run_niah(config: NiahConfig | None = None, *, model: Any = None, tokenizer: 
                             threshold=cfg.effective_threshold)
         return NiahRun(out=store.dir, records=records, summary=summary, new_cells=len(todo), shard=shard)
     records = [store.done[c.key] for c in cells if c.key in store.done]
+    write_plan(store.dir, [c.key for c in cells])
     summary = write_summary(store.dir, records, cfg.modes, extra={"model": model_name, "needle": needle.name,
                                                                   "haystack": hay.id},
                             threshold=cfg.effective_threshold)
@@ -304,7 +305,12 @@ def plan_batches(cfg: NiahConfig, model: Any, tokenizer: Any, cells: list[Cell],
     """The decoding batches of the WHOLE grid (:meth:`GreedyEngine.plan`), formed before any work: shards take
     whole batches of it (``batches[i::n]``), so a sharded grid answers byte for byte as an unsharded one."""
     if getattr(cfg, "engine", "transformers") != "transformers":
-        return [[c] for c in cells]
+        # vLLM forms its own batches; a shard takes whole (length, depth) groups: every mode of one placement,
+        # whose prompts share their haystack prefix in vLLM's prefix cache
+        groups: dict[tuple[int, float], list[Cell]] = {}
+        for c in cells:
+            groups.setdefault((c.length, c.depth), []).append(c)
+        return list(groups.values())
     from .engine import GreedyEngine, Job
 
     engine = GreedyEngine(model, tokenizer, cfg.max_new_tokens, steer_config=steer_cfg, reuse=cfg.prefix_cache,
@@ -325,7 +331,7 @@ def _generate(cfg: NiahConfig, model: Any, tokenizer: Any, todo: list[Cell], ste
     engine = make_engine(cfg, model, tokenizer, cfg.max_new_tokens, steer_config=steer_cfg, batch_size=cfg.batch_size,
                          reuse=cfg.prefix_cache, batch_memory=cfg.batch_memory, chunk=cfg.prefill_chunk)
     jobs = [Job(c.prompt.rendered, steer=c.prompt.steer, tag=c) for c in todo]
-    total = len(todo) if batches is None else sum(len(b) for b in batches)
+    total = len(todo) if batches is None or cfg.engine != "transformers" else sum(len(b) for b in batches)
     bar = tqdm(total=total, desc="niah", unit="cell", disable=not cfg.progress or not todo)
 
     def finished(job: Job, answer: str) -> None:

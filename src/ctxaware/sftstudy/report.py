@@ -50,13 +50,21 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _mtbench(arm_dir: Path, arm: str) -> dict[str, Any]:
-    """MT-Bench score of an arm: mean ± standard error over its judged turns (``judgments.jsonl``)."""
+def _mtbench(arm_dir: Path, arm: str, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """MT-Bench score of an arm: mean ± standard error over its judged turns (``judgments.jsonl``) of ONE
+    (condition, judge model, judge endpoint): the study's last run (``run``: its summary), never a blend of two
+    judges or two conditions that reruns left in the file."""
     from ..fsio import read_jsonl
 
     path = arm_dir / "mtbench" / "judgments.jsonl"
     rows = read_jsonl(path) if path.is_file() else []
-    scores = [float(j["score"]) for j in rows if j.get("model") == arm and j.get("score") is not None]
+    rows = [j for j in rows if j.get("model") == arm]
+    if run:
+        rows = [j for j in rows if (j.get("condition"), j.get("judge"), j.get("judge_url")) ==
+                (run.get("condition"), run.get("judge"), run.get("judge_url"))]
+    elif len({(j.get("condition"), j.get("judge"), j.get("judge_url")) for j in rows}) > 1:
+        return {"value": None, "se": None, "n": 0}  # several judges or conditions and no run says which: no blend
+    scores = [float(j["score"]) for j in rows if j.get("score") is not None]
     v, se, n = mean_se(scores)
     return {"value": v, "se": se, "n": n}
 
@@ -91,7 +99,8 @@ def table(out: str | Path) -> dict[str, Any]:
         columns.append("MT-Bench")
         for name, arm, ind in ROWS:  # asked without [IND]: one run per arm, shown on its main row
             ablation = arm == "conditional" and not ind
-            rows[name]["MT-Bench"] = {"value": None, "se": None, "n": 0} if ablation else _mtbench(out / arm, arm)
+            run = ((state.get("stages") or {}).get("eval") or {}).get(arm, {}).get("mtbench")
+            rows[name]["MT-Bench"] = {"value": None, "se": None, "n": 0} if ablation else _mtbench(out / arm, arm, run)
     return {"columns": columns, "rows": rows, "state": state, "results": results}
 
 

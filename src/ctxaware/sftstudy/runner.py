@@ -141,7 +141,7 @@ def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, An
     if cfg.qa:
         t0 = time.perf_counter()
         qa = run_qa(loaded.model, loaded.tokenizer, arm, cfg.qa, out / "qa", limit=cfg.qa_limit,
-                    data_dir=cfg.data_dir, progress=cfg.progress, variants=cfg.qa_variants(arm))
+                    data_dir=cfg.data_dir, progress=cfg.progress, variants=cfg.qa_variants(arm), model_ref=model_dir)
         seconds["qa"] = time.perf_counter() - t0
         record["qa"] = {v: r["tables"] for v, r in qa.items()}
     if cfg.mtbench_judge_url:

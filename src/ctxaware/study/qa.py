@@ -47,13 +47,23 @@ def qa_tables(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _data_files(data: Any, datasets: Sequence[str]) -> dict[str, str]:
+    """Content digests of the QA data files of ``datasets`` (so changed data never reuses old results)."""
+    from ..harness.data import find_local_file
+    from ..identity import file_digest
+
+    return {d: file_digest(find_local_file(Path(data), d)) for d in datasets} if data else {}
+
+
 def run_qa(model: Any, tokenizer: Any, model_name: str, datasets: Sequence[str], out: Path, *, limit: int,
            data_dir: str | None, steering: Any = None, progress: bool = True,
-           variants: Sequence[str] | None = None) -> dict[str, Any]:
+           variants: Sequence[str] | None = None, model_ref: str | None = None) -> dict[str, Any]:
     """Evaluate every variant not yet in ``out``; returns ``{variant: results.json content}``.
 
     ``variants`` (default: ``chat``, ``raw`` and, when steering is given, ``chat+steer``) may also name
     ``chat+ind``: the chat task with ``[IND]`` appended to each question (conditional fine-tuning).
+    ``model_ref``: the model as configured (``--model``: an HF id, or a directory hashed by content); results are
+    reused only for the same :func:`~ctxaware.identity.result_identity` (steering rule/share included).
     """
     from ..errors import require
 
@@ -69,22 +79,27 @@ def run_qa(model: Any, tokenizer: Any, model_name: str, datasets: Sequence[str],
         variants = ["chat", "raw"] + (["chat+steer"] if steering is not None else [])
     done: dict[str, Any] = {}
     tm = None
+    from ..identity import device_class, model_dtype, model_ref as ref_of, prompt_digest, result_identity
+
+    ref = ref_of(model_ref, model_name, given=True)
+
     for variant in variants:
         tasks = [VARIANT_TASK[variant].format(d) for d in datasets]
-        alpha = float(steering.alpha) if variant.endswith("steer") else 1.0
-        settings = {"model": model_name, "tasks": tasks, "limit": int(limit), "alpha": alpha,
-                    "heads": (steering.heads if variant.endswith("steer") else "all")}
+        steered = steering if variant.endswith("steer") else None
+        # the whole result identity: the steering's rule/share/emphasis/compounding, the data's content, dtype, ...
+        settings = {"model": model_name, "tasks": tasks, "limit": int(limit),
+                    "identity": result_identity(
+                        "qa", model=ref, dtype=model_dtype(model), device=device_class(model),
+                        steering=steered, template=not variant.startswith("raw"), indicator=variant.endswith("ind"),
+                        prompt=prompt_digest(_data_files(data, datasets)),
+                        extra={"tasks": tasks, "limit": int(limit)}).to_dict()}
         path = out / _slug(variant) / "results.json"
         old = read_json(path)
         if old and old.get("settings") == settings:
             done[variant] = old
             continue
         tm = tm or task_manager(data_dir=str(data) if data else None, include_defaults=False)
-        kw = {}
-        if variant.endswith("steer"):
-            kw = dict(alpha=steering.alpha, heads=steering.heads, emphasis=steering.emphasis,
-                      compounding=steering.compounding)
-        lm = CtxawareLM(pretrained=model, tokenizer=tokenizer, **kw)
+        lm = CtxawareLM(pretrained=model, tokenizer=tokenizer, steering=steered)
         logger.info("QA %s: %s (limit %d)", variant, ", ".join(tasks), limit)
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, random_seed=0,
                                       numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)

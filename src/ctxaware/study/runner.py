@@ -166,8 +166,13 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
             model = load_model(cfg.model, **kwargs).model
 
     t0 = time.perf_counter()
-    settings = {"model": model_name, "needle": needle.to_dict(), "haystack": hay_text.id,
-                "length": cfg.attention_length, "depths": cfg.attention_depths}
+    from ..identity import device_class, model_dtype, model_ref, result_identity
+
+    settings = {"model": model_name, "identity": result_identity(  # model content, dtype, device, prompts' source
+        "attention", model=model_ref(cfg.model, model_name, given=True), dtype=model_dtype(model),
+        device=device_class(model), extra={"needle": needle.to_dict(), "haystack": hay_text.id,
+                                           "length": cfg.attention_length, "depths": cfg.attention_depths,
+                                           "reserve": ncfg.reserve, "system": ncfg.system}).to_dict()}
     att_path = out / "attention" / FILENAME
     attention = read_json(att_path)
     if not attention or attention.get("settings") != settings:
@@ -184,7 +189,7 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
 
         t0 = time.perf_counter()
         qa = run_qa(model, tokenizer, model_name, cfg.qa, out / "qa", limit=cfg.qa_limit, data_dir=cfg.data_dir,
-                    steering=steer, progress=cfg.progress)
+                    steering=steer, progress=cfg.progress, model_ref=cfg.model)
         seconds["qa"] = time.perf_counter() - t0
     if cfg.mtbench_judge_url and cfg.engine == "transformers":
         run_mtbench_part()
