@@ -170,3 +170,19 @@ def test_engine_reports_prefix_reuse(model_dir):
     engine.run(jobs, lambda j, a: got.__setitem__(j.tag, (a, j.new_tokens)))
     assert len(got) == 3 and all(n >= 1 for _, n in got.values())
     assert engine.cached_tokens >= 2 * 32 * (len(jobs[0].rendered.input_ids) // 32 - 2)
+
+
+def test_shards_merge_into_the_grid(runs, tmp_path):
+    """--shard with --engine vllm: shards take whole (length, depth) groups; a run without --shard merges them."""
+    from ctxaware.niah import NiahConfig, run_niah
+
+    _, vl, cfg = runs
+    out = str(tmp_path / "sharded")
+    parts = [run_niah(NiahConfig(**{**cfg.to_dict(), "out": out, "shard": f"{i}/2"}), plot=False) for i in (0, 1)]
+    assert sorted(len(p.records) for p in parts) == [8, 8]
+    for p in parts:
+        assert len({(r["length"], r["depth"]) for r in p.records}) == 2  # every mode of a placement in one shard
+    merged = run_niah(NiahConfig(**{**cfg.to_dict(), "out": out}), plot=False)
+    assert merged.new_cells == 0
+    assert [r["key"] for r in merged.records] == [r["key"] for r in vl.records]
+    assert [r["answer"] for r in merged.records] == [r["answer"] for r in vl.records]  # fp32 on CPU

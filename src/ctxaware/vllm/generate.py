@@ -148,6 +148,15 @@ class VllmEngine:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         from ..steering.model import _as_list, greedy_generation_config
 
+        if steer_config is not None and steer_config.active:
+            from ..errors import SteeringError
+            from .plugin import inactive_reason
+            from .request import check_supported
+
+            check_supported(steer_config)
+            reason = inactive_reason()
+            if reason:  # refused before any prompt, never answered unsteered
+                raise SteeringError(f"steered prompts need ctxaware's vLLM plugin, but {reason}")
         self.llm, self.tokenizer = llm, tokenizer
         self.max_new_tokens, self.steer_config = max_new_tokens, steer_config
         self.batch_size, self.share_min = batch_size, share_min
