@@ -105,13 +105,21 @@ def _qa_and_guard(model: Any, tokenizer: Any, squad: list[dict], guard: Any, ste
     return row
 
 
-def _cached(out: Path, cfg: JudgeConfig, steering: Any, compute: Any) -> dict[str, Any]:
-    """SQuAD + guard numbers of one condition, kept in ``out/conditions/`` keyed by everything they depend on."""
+def _cached(out: Path, cfg: JudgeConfig, steering: Any, compute: Any, model: Any = None,
+            model_name: str | None = None) -> dict[str, Any]:
+    """SQuAD + guard numbers of one condition, kept in ``out/conditions/`` keyed by everything they depend on
+    (the result identity: model content, dtype, device class, the whole steering)."""
     import hashlib
+
+    from ..identity import device_class, model_dtype, model_id, result_identity
 
     key = {"steering": steering.to_dict() if steering is not None and steering.active else None, "qa": cfg.qa,
            "qa_examples": cfg.qa_examples, "qa_seed": cfg.qa_seed, "instructions": cfg.instructions,
            "guard_examples": cfg.guard_examples, "model": cfg.model}
+    if model is not None:
+        key["identity"] = result_identity(
+            "calibrate-judge", model=model_id(model_name), dtype=model_dtype(model), device=device_class(model),
+            steering=steering if steering is not None and steering.active else None).to_dict()
     if cfg.drop:  # (keys without DROP stay those of earlier runs)
         key.update(drop=cfg.drop, drop_examples=cfg.drop_examples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -174,7 +182,8 @@ def judge(cfg: JudgeConfig) -> dict[str, Any]:
                "niah_mean_recall": sum(r["recall"] for r in cells) / max(1, len(cells)),
                "recovered_of_lost": sum(1 for r in cells if (r["length"], r["depth"]) in lost and r["recall"] >= 1.0),
                "lost_by_chat": len(lost)}
-        row.update(_cached(out, cfg, steering, lambda st=steering: _qa_and_guard(model, tok, squad, guard, st, drop)))
+        row.update(_cached(out, cfg, steering, lambda st=steering: _qa_and_guard(model, tok, squad, guard, st, drop),
+                           model, model_name))
         table[name] = row
     result = {"steering_file": str(cfg.steering), "file_config": file_cfg.to_dict(), "model": model_name,
               "held_out": {"haystack": cfg.haystack, "needle": cfg.needle, "lengths": cfg.lengths,

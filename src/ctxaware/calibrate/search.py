@@ -243,8 +243,11 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
     n_layers, n_heads = model_dims(model)
     cells, hay_id, needle = held_in_cells(cfg, tokenizer)
     cache = StepCache(out / "cache", enabled=cfg.resume)
-    model_key = {"model": model_name, "spec": cfg.model, "dtype": str(getattr(model, "dtype", cfg.dtype)),
-                 "dims": [n_layers, n_heads]}
+    from ..identity import device_class, model_dtype, model_ref, result_identity
+
+    model_key = {"model": model_name, "dims": [n_layers, n_heads], "identity": result_identity(  # content, dtype, device
+        "calibrate-step", model=model_ref(cfg.model, model_name, given=True), dtype=model_dtype(model),
+        device=device_class(model)).to_dict()}
     cells_key = {**model_key, "cells": digest([[c["length"], c["depth"], c["prompt"].input_ids, c["messages"]]
                                                for c in cells]),
                  "needle": needle.needle if needle.single else needle.to_dict()}

@@ -141,15 +141,26 @@ def score_dataset(model, tokenizer, source: str | Path, out: str | Path, config:
     mine = [i for i in range(len(rows)) if i % count == index]
     scorer = Scorer(model, tokenizer, config)
     summary.layer = scorer.layer
+    from ..identity import Identity, device_class, model_dtype, model_id, result_identity
+
+    # the result identity: model by content, dtype, device class, scoring options, and the batch size (rows are
+    # padded together, so in bf16 a score can depend on its batch)
+    ident = result_identity("score", model=model_id(model_name), dtype=model_dtype(model), device=device_class(model),
+                            prompt=_fingerprint(rows), batch={"batch_size": config.batch_size},
+                            extra={**config.to_dict(), "layer": scorer.layer, "shard": [index, count]})
     meta = {"source": str(source), "split": split, "rows": len(rows), "sha256": _fingerprint(rows),
-            "model": model_name, "layer": scorer.layer, "shard": [index, count], "config": config.to_dict()}
+            "model": model_name, "layer": scorer.layer, "shard": [index, count], "config": config.to_dict(),
+            "identity": ident.to_dict()}
     meta["config"].pop("batch_size", None)
     old_meta, done = _read_partial(partial)
-    changed = sorted(k for k in set(meta) | set(old_meta or {}) if k not in ("source", "split")
+    changed = sorted(k for k in set(meta) | set(old_meta or {}) if k not in ("source", "split", "identity")
                      and meta.get(k) != (old_meta or {}).get(k))
-    if old_meta is not None and changed:
-        raise ConfigError(f"{partial} was written by a run with different {', '.join(changed)} "
+    if old_meta is not None and (changed or old_meta.get("identity") is None):
+        raise ConfigError(f"{partial} was written by a run with different {', '.join(changed) or 'identity'} "
                           "(input data, model or scoring options); rerun with the same ones or pass --overwrite")
+    if old_meta is not None:  # model content, dtype, device class, batch size: one line naming the field
+        ident.require_same(Identity.from_dict(old_meta["identity"]), str(partial), fix="rerun with the same options, "
+                           "or pass --overwrite")
     todo = [i for i in mine if i not in done]
     summary.rows, summary.skipped = len(mine), len(mine) - len(todo)
     for rec in done.values():
