@@ -224,6 +224,23 @@ def test_labelling_recorded(study):
 
 
 @pytest.mark.slow  # the shared run takes about 40 s on 2 cores
+def test_both_arms_monitored_through_the_kill_and_drawn_side_by_side(study):
+    from ctxaware.report.monitor import read_monitor
+
+    steps = {}
+    for arm in ("vanilla", "conditional"):
+        lines = [json.loads(x) for x in (study["out"] / arm / "model" / "context_awareness.jsonl").read_text().splitlines()]
+        steps[arm] = [r["step"] for r in lines]  # the killed arm probed 0 and 2, its resumed run only 4
+        assert [r["step"] for r in read_monitor(study["out"] / arm / "model" / "context_awareness.jsonl")] == steps[arm]
+    assert steps == {"vanilla": [0, 2, 4], "conditional": [0, 2, 4]}
+    train = study["run"].state["stages"]["train"]
+    assert train["conditional"]["monitor"]["probes"] == 1 and train["vanilla"]["monitor"]["probes"] == 3
+    html = (study["out"] / "report.html").read_text()
+    section = html.split("Context awareness during training")[1]
+    assert section.count("<tr><td>vanilla</td>") == 3 and section.count("<tr><td>conditional</td>") == 3
+
+
+@pytest.mark.slow  # the shared run takes about 40 s on 2 cores
 def test_rerun_with_other_training_options_is_refused(study):
     with pytest.raises(ConfigError, match="max_steps"):
         run_sft_study(study["cfg"].replace(max_steps=7))

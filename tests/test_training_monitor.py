@@ -171,3 +171,44 @@ def test_monitor_config_validation():
     assert MonitorConfig(modes="chat+prefix+ind,raw+prefix,chat+prefix").gap_modes == ("raw+prefix", "chat+prefix")
     assert MonitorConfig(modes="raw,chat+prefix").gap_modes == ("raw", "chat+prefix")
     assert MonitorConfig(modes="chat,chat+ind").gap_modes is None
+
+
+def test_cli_train_monitor_then_report_draws_the_curves(tmp_path, capsys):
+    from ctxaware.cli.main import main
+
+    tok = make_tokenizer("chatml")
+    base = tmp_path / "base"
+    make_model(len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS * 2), encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("monitor_options: " + json.dumps({k: v for k, v in PROBE.items()}) + "\n")
+    out = tmp_path / "run"
+    args = ["train", "--config", str(recipe), "--model", str(base), "--dataset", str(data), "--output-dir", str(out),
+            "--method", "full", "--max-steps", "2", "--cpu", "--no-progress", "--max-length", "128",
+            "--per-device-train-batch-size", "2", "--sft-arg", "optim=adamw_torch", "--monitor", "--monitor-every", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "monitor: 3 probes" in printed and "template gap" in printed
+    assert main(["train", "--monitor-stop-gap", "0.1", "--print-config"]) == 2  # needs --monitor
+    assert "needs --monitor" in capsys.readouterr().err
+    page = tmp_path / "report.html"
+    assert main(["report", str(out), "--out", str(page)]) == 0
+    html = page.read_text()
+    assert "Context awareness during training" in html and "data:image/png;base64," in html
+    rows = html.split('class="monitor"')[1]
+    assert rows.count("<tr>") == 1 + 3  # header + steps 0, 1, 2
+
+
+def test_report_reads_the_last_probe_configuration_once_per_step(tmp_path):
+    from ctxaware.fsio import append_jsonl
+    from ctxaware.report.monitor import read_monitor, section
+
+    path = tmp_path / MONITOR_FILE
+    for ident, step, gap in [("a", 0, 0.5), ("b", 0, 0.1), ("b", 2, 0.2), ("b", 2, 0.9), ("b", 1, 0.3)]:
+        append_jsonl(path, {"key": f"step={step}|id={ident}", "identity": ident, "step": step,
+                            "metrics": {"context/template_gap": gap, "context/recall/raw": 1.0}})
+    recs = read_monitor(path)
+    assert [(r["step"], r["metrics"]["context/template_gap"]) for r in recs] == [(0, 0.1), (1, 0.3), (2, 0.2)]
+    assert "0.300" in section({"run": recs}) and section({"run": []}) == ""

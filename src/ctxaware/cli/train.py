@@ -6,6 +6,9 @@ shipped recipe; ``--config recipe.yaml`` reads your own; any option below overri
 the data: the vanilla baseline of the same recipe. ``--resume-from-checkpoint auto`` (or
 ``latest``) continues from the newest complete ``checkpoint-*`` in the output directory, skipping
 one a kill left half-written: rerunning the same command after a crash finishes the same run.
+``--monitor`` probes context awareness while training (NIH recall per mode, template gap, user-turn
+attention share) every ``--monitor-every`` steps into ``OUTPUT_DIR/context_awareness.jsonl`` and the
+trainer's loggers; ``--monitor-stop-gap X`` stops (saving a checkpoint) when the gap stays above X.
 Several GPUs:
 ``accelerate launch --config_file $(ctxaware train --accelerate-config zero3) -m ctxaware train ...``.
 """
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"output_dir": result.output_dir, "adapter": result.adapter, "indicator_id": result.indicator_id,
                "examples": result.data.num_examples, "supervised_tokens": result.data.num_supervised,
                "train_loss": result.metrics.get("train_loss"), "steps": result.metrics.get("global_step"),
-               "resumed_from": result.resumed_from}
+               "resumed_from": result.resumed_from, "monitor": result.monitor}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -97,4 +100,13 @@ def run(args: argparse.Namespace) -> int:
         resumed = f"; resumed from {result.resumed_from}" if result.resumed_from else ""
         print(f"saved {kind} to {result.output_dir} ({result.data.summary()}; "
               f"train loss {loss:.4f}{resumed})" if loss is not None else f"saved {kind} to {result.output_dir}")
+        mon = result.monitor
+        if mon:
+            last = mon["last"] or {}
+            gap = last.get("context/template_gap")
+            share = last.get("context/user_share/template")
+            stop = f"; stopped by the template-gap rule at step {mon['stopped_at']}" if mon["stopped_at"] else ""
+            print(f"monitor: {mon['probes']} probes in {mon['seconds']:g} s of {mon['train_seconds']:g} s training"
+                  + (f"; at step {last.get('step')}: template gap {gap:+.3f}" if gap is not None else "")
+                  + (f", user share {share:.3f}" if share is not None else "") + f"{stop} ({mon['file']})")
     return 0

@@ -52,6 +52,10 @@ class SftStudyConfig(ConfigMixin):
     seed: int | None = field(None, help="training seed of both arms and of the data order (default: the recipe's)")
     train_args: dict = field(default_factory=dict, cli=False,
                              help="other ctxaware train options applied to both arms (e.g. learning_rate)")
+    monitor: bool = field(True, help="probe context awareness of both arms while they train (ctxaware train "
+                          "--monitor): the report draws their template gap and user share against the step")
+    monitor_every: int | None = field(None, metavar="N", help="probe every N training steps (default: the "
+                                      "recipe's save_steps)")
     # evaluation (both arms)
     modes: Any = field("chat+prefix,chat", metavar="M1,M2", help="NIH modes of both arms; the conditional arm "
                        "runs each with +ind (the paper's evaluation) and without (the ablation)")

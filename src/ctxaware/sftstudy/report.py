@@ -7,7 +7,9 @@ QA values and standard errors are lm-eval's. Table cells carry ``data-row``/``da
 ``data-value`` attributes so that the page can be checked against the files. One verdict sentence
 per comparison (conditional with ``[IND]`` vs vanilla, and the conditional arm with vs without
 ``[IND]``) is computed from those numbers: a difference beyond two standard errors of the
-difference is called better or worse, a smaller one no clear difference.
+difference is called better or worse, a smaller one no clear difference. When the arms trained with
+the monitor, their context-awareness curves (template gap, user share, recall per probe mode against
+the step, one line per arm) are drawn from ``<arm>/model/context_awareness.jsonl``.
 """
 
 from __future__ import annotations
@@ -207,6 +209,14 @@ def _settings(state: dict[str, Any]) -> str:
             + ("<p>What each arm trained on:</p>" + _table(["count", "vanilla", "conditional"], data) if data else ""))
 
 
+def _monitor(out: str | Path) -> str:
+    """Both arms' context-awareness curves during training (their ``model/context_awareness.jsonl``)."""
+    from ..report.monitor import monitor_path, read_monitor, section
+
+    series = {arm: read_monitor(p) for arm in ("vanilla", "conditional") if (p := monitor_path(Path(out) / arm))}
+    return section(series)
+
+
 def render(out: str | Path) -> str:
     """The HTML page of the sft-study in ``out``."""
     tab = table(out)
@@ -232,6 +242,7 @@ def render(out: str | Path) -> str:
             _table(["arm", "steps", "train loss", "seconds", "[IND] token"],
                    [[arm, train.get(arm, {}).get("steps"), f"{train.get(arm, {}).get('train_loss') or float('nan'):.4f}",
                      train.get(arm, {}).get("seconds"), train.get(arm, {}).get("indicator_id")] for arm in train]),
+            _monitor(out),
             "<h2>Settings that make the arms equal</h2>", _settings(state),
             "<h2>Provenance</h2>", _table(["package", "version"], sorted((state.get("versions") or {}).items())),
             "<p>Seconds per stage: " + escape(", ".join(f"{k} {v:g}" for k, v in state.get("seconds", {}).items()))

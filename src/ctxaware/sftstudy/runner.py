@@ -73,6 +73,9 @@ def arm_config(cfg: SftStudyConfig, arm: str, labelled: Path):
         over["seed"] = cfg.seed
     if cfg.template_file:
         over["chat_template"] = cfg.template_file
+    over.setdefault("monitor", cfg.monitor)  # the monitor leaves training unchanged (tested): not in IDENTITY
+    if cfg.monitor_every is not None:
+        over.setdefault("monitor_every", cfg.monitor_every)
     # the arms read labelled.jsonl in its order (fixed once, from text without [IND]); the Trainer's own
     # length grouping would sort each arm by its own lengths, which [IND] changes
     sft = {**recipe.sft, **over.pop("sft", {}), "train_sampling_strategy": "sequential"}
@@ -113,7 +116,8 @@ def _train_arm(cfg: SftStudyConfig, arm: str, labelled: Path) -> dict[str, Any]:
             "supervised_tokens": result.data.num_supervised, "dropped": result.data.num_dropped,
             "truncated": result.data.num_truncated, "steps": int(result.metrics.get("global_step", 0)),
             "train_loss": result.metrics.get("train_loss"), "resumed_from": result.resumed_from,
-            "seconds": round(seconds, 1), "losses": [h["loss"] for h in result.log_history if "loss" in h]}
+            "seconds": round(seconds, 1), "losses": [h["loss"] for h in result.log_history if "loss" in h],
+            "monitor": result.monitor}
 
 
 def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, Any]:

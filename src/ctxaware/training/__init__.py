@@ -1,7 +1,8 @@
 """Conditional instruction fine-tuning with the ``[IND]`` indicator (METHOD §4), on TRL and PEFT.
 
 ``TrainConfig`` (a recipe), ``load_recipe``/``list_recipes`` (the shipped recipes), ``train``
-(build, run and save) and ``build_trainer`` (a ready ``trl.SFTTrainer``). Imported lazily: trl,
+(build, run and save), ``build_trainer`` (a ready ``trl.SFTTrainer``) and
+``ContextAwarenessCallback`` (context awareness probed during any Trainer's training). Imported lazily: trl,
 peft and torch load only when training starts.
 """
 
@@ -23,6 +24,9 @@ _LAZY = {
     "add_indicator_token": "ctxaware.training.conditions",
     "strip_indicator": "ctxaware.training.conditions",
     "INDICATOR": "ctxaware.training.conditions",
+    "ContextAwarenessCallback": "ctxaware.training.callback",
+    "MonitorConfig": "ctxaware.training.probe",
+    "ContextProbe": "ctxaware.training.probe",
 }
 
 __all__ = sorted(_LAZY)

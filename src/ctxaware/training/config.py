@@ -97,6 +97,19 @@ class TrainConfig(ConfigMixin):
     report_to: str = field("none", help="experiment trackers (transformers names, comma-separated)")
     trust_remote_code: bool = field(False, help="allow model code from the Hub")
     progress: bool = field(True, help="show progress bars")
+    # context-awareness monitor (ctxaware.training.callback)
+    monitor: bool = field(False, help="probe context awareness while training (NIH recall per mode, template gap, "
+                          "user-turn attention share), logged as context/... and appended to "
+                          "context_awareness.jsonl in --output-dir (docs/training.md)")
+    monitor_every: int | None = field(None, metavar="N", help="probe every N steps (default: save_steps, so "
+                                      "probes fall on checkpoints)")
+    monitor_modes: Any = field("raw+prefix,chat+prefix", metavar="M1,M2", help="NIH modes of the probe; the "
+                               "template gap is the first raw mode minus the first chat mode")
+    monitor_stop_gap: float | None = field(None, metavar="X", help="stop training, saving a checkpoint, when the "
+                                           "template gap exceeds X at --monitor-stop-patience consecutive probes")
+    monitor_stop_patience: int = field(2, metavar="K", help="consecutive probes over --monitor-stop-gap that stop")
+    monitor_options: dict = field(default_factory=dict, cli=False,
+                                  help="other MonitorConfig fields of the probe (lengths, depths, needle, ...)")
     sft: dict = field(default_factory=dict, cli=False,
                       help="any other trl.SFTConfig / TrainingArguments fields (e.g. deepspeed, fsdp)")
 
@@ -127,6 +140,23 @@ class TrainConfig(ConfigMixin):
         clash = sorted(set(self.sft) & _MAPPED)
         if clash:
             raise ConfigError(f"set {', '.join(clash)} as top-level recipe option(s), not under 'sft:'")
+        if self.monitor_stop_gap is not None and not self.monitor:
+            raise ConfigError("--monitor-stop-gap needs --monitor")
+        if self.monitor:
+            self.monitor_config()  # validates the probe before any loading
+
+    def monitor_config(self):
+        """The :class:`~ctxaware.training.probe.MonitorConfig` of the ``monitor_*`` options."""
+        from .probe import MonitorConfig
+
+        if not isinstance(self.monitor_options, dict):
+            raise ConfigError("monitor_options must be a mapping of MonitorConfig fields")
+        over = {"every": self.monitor_every, "modes": self.monitor_modes, "stop_gap": self.monitor_stop_gap,
+                "stop_patience": self.monitor_stop_patience}
+        clash = sorted(set(self.monitor_options) & set(over))
+        if clash:
+            raise ConfigError(f"set {', '.join(clash)} as monitor_* option(s), not under monitor_options")
+        return MonitorConfig.from_dict({**self.monitor_options, **over})
 
     @property
     def target_modules(self) -> list[str] | str:

@@ -48,8 +48,9 @@ class MonitorConfig(ConfigMixin):
     needle: str = field("SF", metavar="NEEDLE", help="NIH needle of the probe (a built-in name or a file)")
     haystack: str = field("builtin", metavar="SOURCE", help="NIH haystack of the probe")
     lengths: Any = field("500", metavar="L1,L2", help="context lengths of the probe's NIH cells, in tokens")
-    depths: Any = field("0,50,100", metavar="D1,D2", help="needle depths of the probe's NIH cells, in percent")
-    max_new_tokens: int = field(24, help="greedy decoding budget per probe answer")
+    depths: Any = field("25,75", metavar="D1,D2", help="needle depths of the probe's NIH cells, in percent")
+    max_new_tokens: int = field(16, help="greedy decoding budget per probe answer (the SF needle's answer after "
+                                "its prefix is 15 tokens for SmolLM2)")
     reserve: int = field(200, help="tokens of each length kept for template, question and answer (as in niah)")
     batch_size: int = field(8, help="probe cells decoded together")
     attention: bool = field(True, help="measure the user turn's attention share with and without the template")

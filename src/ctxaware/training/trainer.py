@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class TrainResult:
     data: TrainingData
     log_history: list[dict[str, Any]]
     resumed_from: str | None = None  # the checkpoint training resumed from, if any
+    monitor: dict[str, Any] | None = None  # the context-awareness monitor: file, probes, seconds, stopped_at
 
 
 def _on_gpu(config: TrainConfig) -> tuple[bool, bool]:
@@ -253,12 +255,17 @@ def build_trainer(config: TrainConfig, *, model=None, tokenizer=None,
     trainer = trainer_cls(model=model, args=args, train_dataset=data.dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     patch_trainable_tokens_bias(trainer.model)
+    extras: dict[str, Any] = {}
+    if config.monitor:
+        from .callback import ContextAwarenessCallback
+
+        extras["monitor"] = ContextAwarenessCallback(tokenizer, config.monitor_config()).attach(trainer)
     if not config.progress:  # without tqdm, transformers prints every log dict to stdout
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return TrainSetup(trainer=trainer, config=config, tokenizer=tokenizer, data=data, indicator_id=indicator_id,
-                      num_indicated=num_indicated, base_ref=_base_ref(config.model))
+                      num_indicated=num_indicated, base_ref=_base_ref(config.model), extras=extras)
 
 
 def _is_fsdp(trainer) -> bool:
@@ -338,10 +345,17 @@ def train(config: TrainConfig, **build_kwargs: Any) -> TrainResult:
     """Build the trainer for ``config``, train, save to ``config.output_dir``, and report."""
     resume = resume_checkpoint(config)
     setup = build_trainer(config, **build_kwargs)
+    t0 = time.perf_counter()
     output = setup.trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
     out = save_trained(setup)
+    cb = setup.extras.get("monitor")
+    monitor = None if cb is None else {
+        "file": str(cb.path), "probes": len(cb.history), "seconds": round(cb.seconds, 2),
+        "train_seconds": round(seconds, 2), "stopped_at": cb.stopped_at,
+        "last": cb.history[-1] if cb.history else None}
     metrics = {k: float(v) for k, v in (output.metrics or {}).items() if isinstance(v, (int, float))}
     metrics["global_step"] = float(output.global_step)
     return TrainResult(output_dir=out, metrics=metrics, indicator_id=setup.indicator_id,
                        adapter=bool(getattr(setup.trainer.model, "peft_config", None)), data=setup.data,
-                       log_history=list(setup.trainer.state.log_history), resumed_from=resume)
+                       log_history=list(setup.trainer.state.log_history), resumed_from=resume, monitor=monitor)

@@ -1,0 +1,103 @@
+"""Benchmark: what the context-awareness monitor costs a training run (target: <= 10 % on ``smollm2-cpu``).
+
+The same training, with the same recipe, data, seed and steps, runs without the monitor and with it
+(``ContextAwarenessCallback`` at its defaults, or ``--every``/``--lengths``/``--depths`` as given), in
+alternating rounds so that machine noise hits both. Prints each run's wall time of ``trainer.train()``
+(model loading and the final save left out: they do not depend on the monitor), the time the monitor
+spent probing, the overhead ratio, and whether the loss curves are identical (they must be).
+
+    python benchmarks/monitor_overhead.py --quick      # tiny random model, seconds (a smoke test)
+    python benchmarks/monitor_overhead.py              # the smollm2-cpu recipe on the embedded model (minutes)
+    python benchmarks/monitor_overhead.py --method full --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_overhead import DEFAULT_DATA, _conversations, _tiny  # noqa: E402
+
+
+def run(config, convs) -> dict:
+    from ctxaware.training.trainer import build_trainer
+
+    setup = build_trainer(config, conversations=convs)
+    t0 = time.perf_counter()
+    setup.trainer.train()
+    seconds = time.perf_counter() - t0
+    cb = setup.extras.get("monitor")
+    return {"seconds": seconds, "losses": [h["loss"] for h in setup.trainer.state.log_history if "loss" in h],
+            "probe": cb.seconds if cb else 0.0, "probes": len(cb.history) if cb else 0,
+            "last": cb.history[-1] if cb and cb.history else None, "every": cb.every(setup.trainer.args) if cb else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 6 steps (a smoke test)")
+    parser.add_argument("--recipe", default="smollm2-cpu", help="training recipe (default: smollm2-cpu)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="conversations (JSONL with messages)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+    parser.add_argument("--method", choices=("lora", "full"), default=None, help="default: the recipe's")
+    parser.add_argument("--every", type=int, default=None, help="probe every N steps (default: the monitor's)")
+    parser.add_argument("--monitor-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="other MonitorConfig fields, e.g. lengths=500 (repeatable)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds; each side reports its best")
+    args = parser.parse_args(argv)
+
+    import torch
+    import yaml
+
+    from ctxaware.training.config import load_recipe
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    options = {}
+    for pair in args.monitor_option:
+        key, _, value = pair.partition("=")
+        options[key.strip()] = yaml.safe_load(value)
+    with tempfile.TemporaryDirectory() as tmp:
+        over = {"output_dir": str(Path(tmp) / "out"), "progress": False, "indicator": True}
+        if args.quick:
+            over.update(model=_tiny(Path(tmp)), max_steps=6, save_steps=3)
+        if args.steps:
+            over["max_steps"] = args.steps
+        if args.method:
+            over["method"] = args.method
+        config = load_recipe(args.recipe, **over)
+        convs = _conversations(args.data, config.max_steps * config.per_device_train_batch_size)
+        watched = config.replace(monitor=True, monitor_every=args.every, monitor_options=options)
+        plain, mon = [], []
+        for _ in range(max(1, args.rounds)):
+            plain.append(run(config, convs))
+            mon.append(run(watched, convs))
+    p = min(plain, key=lambda r: r["seconds"])
+    m = min(mon, key=lambda r: r["seconds"])
+    same = all(r["losses"] == plain[0]["losses"] for r in plain + mon)
+    print(f"recipe {args.recipe}{' (--quick: tiny random model)' if args.quick else ''} · {config.method} · "
+          f"{config.max_steps} steps of {config.per_device_train_batch_size} conversations · max_length "
+          f"{config.max_length} · monitor every {m['every']} steps, {m['probes']} probes · threads "
+          f"{torch.get_num_threads()}")
+    print(f"without monitor : {p['seconds']:8.1f} s trainer.train()")
+    print(f"with monitor    : {m['seconds']:8.1f} s trainer.train(), of which probing {m['probe']:.1f} s "
+          f"({m['probe'] / max(m['probes'], 1):.2f} s per probe)")
+    print(f"overhead        : {m['seconds'] / p['seconds'] - 1:+.1%} wall time; probing / training without it "
+          f"{m['probe'] / p['seconds']:.1%} (target <= 10 %)")
+    print(f"loss curves identical: {same} ({len(p['losses'])} logged losses)")
+    if m["last"]:
+        print("last probe:", ", ".join(f"{k} {v:.3f}" for k, v in m["last"].items() if k != "step"),
+              f"(step {m['last']['step']})")
+    print()
+    print("| run | trainer.train() s | probing s | overhead |")
+    print("|---|---|---|---|")
+    print(f"| without monitor | {p['seconds']:.1f} | – | – |")
+    print(f"| with monitor ({m['probes']} probes, every {m['every']}) | {m['seconds']:.1f} | {m['probe']:.1f} | "
+          f"{m['seconds'] / p['seconds'] - 1:+.1%} |")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
