@@ -24,6 +24,8 @@ import pytest
 import torch
 
 if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CTXAWARE_REQUIRE_VLLM"):  # CI: a missing vLLM is a failure, not a skip
+        raise RuntimeError("CTXAWARE_REQUIRE_VLLM is set but vLLM is not importable here")
     pytest.skip("vLLM is not installed (bash scripts/setup_vllm.sh makes .venv-vllm)", allow_module_level=True)
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -75,6 +77,8 @@ def model_dir():
     try:
         return embedded_model_dir()
     except Exception as exc:
+        if os.environ.get("CTXAWARE_REQUIRE_VLLM"):
+            raise
         pytest.skip(f"embedded model unavailable: {exc}")
 
 
@@ -182,7 +186,8 @@ def test_alpha_one_on_the_steered_path_is_identity(mixed):
     plain_a = mixed[0][4]
     forced = mixed[4][0]
     assert forced["ids"] == plain_a["ids"][:1]
-    assert max(abs(v - plain_a["top"][t]) for t, v in forced["top"].items()) < 1e-5
+    # the recomputed rows sum in another order than the C++ kernel: fp32 rounding through 30 layers only
+    assert max(abs(v - plain_a["top"][t]) for t, v in forced["top"].items()) < 1e-4
 
 
 def test_malformed_extra_args_refused(mixed):

@@ -141,7 +141,7 @@ class CtxawareMiddleware:
         except ValueError:
             body = None
         if not isinstance(body, dict):  # vLLM answers malformed bodies itself
-            await self.app(scope, _replay(raw), send)
+            await self.app(scope, _replay(raw, receive), send)
             return
         try:
             new, applied = self.steerer(scope).prepare(body)
@@ -151,20 +151,21 @@ class CtxawareMiddleware:
         data = json.dumps(new).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": headers + [(b"content-length", str(len(data)).encode())]}
-        await self.app(scope, _replay(data), _Reply(send, applied))
+        await self.app(scope, _replay(data, receive), _Reply(send, applied))
 
 
-def _replay(data: bytes) -> Any:
+def _replay(data: bytes, receive: Any) -> Any:
+    """The (rewritten) body once, then the client's own channel (vLLM listens on it for disconnects)."""
     sent = False
 
-    async def receive() -> dict:
+    async def replay() -> dict:
         nonlocal sent
         if sent:
-            return {"type": "http.disconnect"}
+            return await receive()
         sent = True
         return {"type": "http.request", "body": data, "more_body": False}
 
-    return receive
+    return replay
 
 
 async def _json(send: Any, status: int, payload: dict) -> None:
