@@ -17,7 +17,7 @@ from test_training import CHATS, _fast, make_model, make_tokenizer  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from ctxaware.errors import ConfigError  # noqa: E402
-from ctxaware.training.callback import ContextAwarenessCallback, preserved_training_state  # noqa: E402
+from ctxaware.training.callback import ContextAwarenessCallback, _checkpointing, preserved_training_state  # noqa: E402
 from ctxaware.training.probe import MONITOR_FILE, ContextProbe, MonitorConfig  # noqa: E402
 from ctxaware.training.trainer import build_trainer  # noqa: E402
 
@@ -145,6 +145,7 @@ def test_preserved_state_restores_modes_cache_rng_and_grad():
     model.train()
     model.model.layers[0].eval()  # a module left in eval mode stays so
     model.config.use_cache = False
+    model.gradient_checkpointing_enable()
     r, n, t = random.random, np.random.rand, torch.rand
     state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     with preserved_training_state(model):
@@ -153,6 +154,7 @@ def test_preserved_state_restores_modes_cache_rng_and_grad():
         r(), n(), t(3)
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     assert model.config.use_cache is False and torch.is_grad_enabled()
+    assert _checkpointing(model)
     assert (random.getstate(), torch.equal(torch.get_rng_state(), state[2])) == (state[0], True)
     assert np.array_equal(np.random.get_state()[1], state[1][1])
 
