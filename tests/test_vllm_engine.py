@@ -30,7 +30,8 @@ GRID = dict(lengths="300,700", depths="0,100", modes="chat,chat+prefix,raw,chat+
 def model_dir():
     from ctxaware.vllm.models import tiny_model_dir
 
-    return tiny_model_dir("llama", layers=2, heads=4, kv_heads=2, head_dim=32, seed=3)
+    # initializer_range 0.2: varied greedy tokens (the default's tiny weights answer "\n" to everything)
+    return tiny_model_dir("llama", layers=2, heads=4, kv_heads=2, head_dim=32, seed=3, initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,7 @@ def _compare(runs, model_dir, steered: bool) -> tuple[int, list[float]]:
 def test_records_have_the_transformers_format(runs):
     tf, vl, _ = runs
     assert len(tf.records) == len(vl.records) == 16
+    assert all(r["answer"] and r["answer_tokens"] == GRID["max_new_tokens"] for r in tf.records)  # real answers
     for a, b in zip(tf.records, vl.records):
         assert set(a) == set(b)
         for k in a:
@@ -186,3 +188,44 @@ def test_shards_merge_into_the_grid(runs, tmp_path):
     assert merged.new_cells == 0
     assert [r["key"] for r in merged.records] == [r["key"] for r in vl.records]
     assert [r["answer"] for r in merged.records] == [r["answer"] for r in vl.records]  # fp32 on CPU
+
+
+def test_mtbench_on_vllm_answers_as_transformers(model_dir, tmp_path):
+    """mtbench --engine vllm: both turns through VllmEngine (plain and steered), the same answers as the
+    transformers engine in fp32, records of the same fields, the condition named +engine=vllm."""
+    pytest.importorskip("httpx")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mtbench_judge import FakeJudge, write_data
+
+    from ctxaware.mtbench import MtBenchConfig, run_mtbench
+
+    data = write_data(tmp_path / "data")
+    with FakeJudge() as judge:
+        def run(**kw):
+            return run_mtbench(MtBenchConfig(model=model_dir, data_dir=str(data), out=str(tmp_path / "mt"),
+                                             judge_base_url=judge.base_url, judge_model="fake-judge", max_new_tokens=6,
+                                             dtype="float32", device="cpu", progress=False, **kw))
+        tf, vl = run(), run(engine="vllm", vllm_options=VLLM_OPTIONS)
+        tf_s, vl_s = run(alpha=0.6), run(alpha=0.6, engine="vllm", vllm_options=VLLM_OPTIONS)
+    assert "+engine=vllm" in vl.summary["condition"]
+    assert vl.summary["condition"].replace("+engine=vllm", "") == tf.summary["condition"]
+    for a, b in ((tf, vl), (tf_s, vl_s)):
+        assert len(a.answers) == len(b.answers) == 4
+        assert [set(x) for x in a.answers] == [set(x) for x in b.answers]
+        assert [x["turns"] for x in a.answers] == [x["turns"] for x in b.answers]
+    assert [x["turns"] for x in tf.answers] != [x["turns"] for x in tf_s.answers]  # steering changed something
+
+
+def test_study_runs_niah_on_vllm_and_attention_on_transformers(model_dir, tmp_path):
+    from ctxaware.study import StudyConfig, run_study
+
+    cfg = StudyConfig(model=model_dir, out=str(tmp_path / "study"), lengths="300", depths="0,100",
+                      modes="chat,chat+steer", max_new_tokens=6, attention_length=300, attention_depths="50",
+                      dtype="float32", device="cpu", report=False, progress=False, engine="vllm",
+                      vllm_options=VLLM_OPTIONS)
+    run = run_study(cfg)
+    assert len(run.niah.records) == 4 and run.attention and run.attention.get("settings")
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert "--engine vllm" in study["commands"]["niah"]

@@ -108,11 +108,13 @@ def engine_identity(cfg: Any) -> dict[str, Any]:
 
 @dataclass
 class ConfigOnlyModel:
-    """What a vLLM run needs of the model in this process: its config (window, layer and head counts) — the
-    weights live in vLLM's engine."""
+    """What a vLLM run needs of the model in this process: its config (window, layer and head counts), and the
+    dtype and device class vLLM computes in (for the result's identity) — the weights live in vLLM's engine."""
 
     config: Any
     name_or_path: str
+    dtype: Any = None
+    device: str = "cpu"
 
 
 def load_for_engine(cfg: Any, name: str | None = None) -> Any:
@@ -130,7 +132,11 @@ def load_for_engine(cfg: Any, name: str | None = None) -> Any:
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     shown = EMBEDDED_NAME if name in (None, DEFAULT_MODEL) else str(name)
-    return LoadedModel(model=ConfigOnlyModel(config, path), tokenizer=tokenizer, name=shown)
+    from .models import _torch_dtype, default_device
+
+    device = str(cfg.device or default_device()).split(":")[0]
+    model = ConfigOnlyModel(config, path, dtype=_torch_dtype(cfg.dtype, device), device=device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=shown)
 
 
 def make_engine(cfg: Any, model: Any, tokenizer: Any, max_new_tokens: int, *, steer_config: Any = None,

@@ -219,12 +219,15 @@ def resolve_dtype(dtype: Any, device: Any = None) -> str:
 
 
 def device_class(device: Any = None) -> str:
-    """``"cuda:1"`` → ``"cuda"``; ``None`` → the default device's class; a model → its parameters' device class."""
+    """``"cuda:1"`` → ``"cuda"``; ``None`` → the default device's class; a model → its parameters' device class
+    (a model whose weights live in an engine elsewhere, :class:`~ctxaware.engines.ConfigOnlyModel`: its ``device``)."""
     if device is not None and hasattr(device, "parameters"):
         try:
             return next(device.parameters()).device.type
         except StopIteration:  # pragma: no cover - a model without parameters
             return "cpu"
+    if device is not None and not isinstance(device, str) and hasattr(device, "config") and hasattr(device, "device"):
+        device = device.device
     if device is None:
         from .models import default_device
 

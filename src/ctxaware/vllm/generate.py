@@ -92,6 +92,10 @@ def release() -> None:
                 core.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down at exit: log, never raise
             logger.warning("vLLM engine shutdown: %s", exc)
+        del llm, core
+    import gc
+
+    gc.collect()  # an in-process engine's weights and KV cache go with their last reference
 
 
 atexit.register(release)
