@@ -214,3 +214,20 @@ def test_report_reads_the_last_probe_configuration_once_per_step(tmp_path):
     recs = read_monitor(path)
     assert [(r["step"], r["metrics"]["context/template_gap"]) for r in recs] == [(0, 0.1), (1, 0.3), (2, 0.2)]
     assert "0.300" in section({"run": recs}) and section({"run": []}) == ""
+
+
+def test_qa_sample_is_answered_and_scored_by_contains(tmp_path):
+    from test_harness import ANSWERS, write_data
+
+    from ctxaware.harness.qa import contains
+
+    write_data(tmp_path / "qa")
+    tok = make_tokenizer("chatml")
+    probe = ContextProbe(MonitorConfig(**PROBE, attention=False, qa="squad", qa_limit=2, qa_max_new_tokens=4,
+                                       data_dir=str(tmp_path / "qa")), tok)
+    got = probe.run(make_model(len(tok), seed=2).eval())
+    assert len(got["qa"]) == 2 and "context/user_share/template" not in got["metrics"]
+    assert [q["contains"] for q in got["qa"]] == [contains(q["answer"], a) for q, a in zip(got["qa"], ANSWERS)]
+    assert got["metrics"]["context/qa/squad"] == sum(q["contains"] for q in got["qa"]) / 2
+    with pytest.raises(ConfigError, match="qa must be"):
+        MonitorConfig(qa="nq")

@@ -234,6 +234,8 @@ class ContextAwarenessCallback(TrainerCallback):
                 record = {"key": key, "identity": self._ident.digest, "step": step, "epoch": state.epoch,
                           "metrics": result["metrics"], "cells": result["cells"], "seconds": result["seconds"],
                           "probe": self.config.probe_dict(), "time": datetime.now(timezone.utc).isoformat()}
+                if "qa" in result:
+                    record["qa"] = result["qa"]
             except Exception as exc:  # noqa: BLE001 - the other processes must hear of it, not hang
                 error = f"{type(exc).__name__}: {exc}"
                 if not _dist():

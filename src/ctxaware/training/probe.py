@@ -16,7 +16,9 @@ Metrics (names as logged, all floats):
   the first ``chat`` mode of the same other flags); positive when the template costs context awareness;
 - ``context/ind_gain``: recall of ``chat...+ind`` minus the same mode without ``+ind`` (when both run);
 - ``context/user_share/template``, ``context/user_share/no_template``: mean over layers of the user
-  turn's share of attention; ``context/user_share_gap``: no template minus template.
+  turn's share of attention; ``context/user_share_gap``: no template minus template;
+- ``context/qa/<set>`` (with ``qa``): contains-match accuracy on the first ``qa_limit`` questions of a
+  contextual-QA set (``ctxaware eval``'s prompts and metric, chat template), answered greedily.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from ..config import ConfigMixin, field
 from ..errors import ConfigError
+from ..harness.data import DATASETS
 from ..niah.config import _number, _split, canonical_mode, parse_mode
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,11 @@ class MonitorConfig(ConfigMixin):
     attention: bool = field(True, help="measure the user turn's attention share with and without the template")
     attention_length: int = field(500, help="context length of the prompts whose attention is measured")
     attention_depths: Any = field("50", metavar="D1,D2", help="needle depths of those prompts")
+    qa: str | None = field(None, metavar="SET", help="also a contextual-QA sample: squad, quac or drop (the first "
+                           "qa_limit questions, chat template, contains-match; default: none)")
+    qa_limit: int = field(8, help="questions of the QA sample")
+    qa_max_new_tokens: int = field(32, help="greedy decoding budget per QA answer")
+    data_dir: str | None = field(None, metavar="DIR", help="local QA data folder (see docs/eval.md)")
     at_start: bool = field(True, help="probe once before the first step (the curve's origin, step 0)")
     at_end: bool = field(True, help="probe after the last step when it is not a multiple of every")
     stop_gap: float | None = field(None, metavar="X", help="stop training (saving a checkpoint) when the template "
@@ -84,7 +92,9 @@ class MonitorConfig(ConfigMixin):
             raise ConfigError("monitor depths are percentages in [0, 100]")
         if self.every is not None and int(self.every) < 1:
             raise ConfigError(f"monitor every must be at least 1 step, got {self.every}")
-        for name in ("max_new_tokens", "batch_size", "stop_patience"):
+        if self.qa is not None and self.qa not in DATASETS:
+            raise ConfigError(f"monitor qa must be one of {', '.join(DATASETS)}, got {self.qa!r}")
+        for name in ("max_new_tokens", "batch_size", "stop_patience", "qa_limit", "qa_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"monitor {name} must be at least 1, got {getattr(self, name)}")
         if self.reserve < 0:
@@ -107,7 +117,7 @@ class MonitorConfig(ConfigMixin):
 
     def probe_dict(self) -> dict[str, Any]:
         """The settings that change a probe's values (not when it runs, nor how training reacts)."""
-        skip = {"every", "at_start", "at_end", "stop_gap", "stop_patience", "file"}
+        skip = {"every", "at_start", "at_end", "stop_gap", "stop_patience", "file", "data_dir"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
 
@@ -130,6 +140,16 @@ class ContextProbe:
         self.needle = load_needle(config.needle)
         self.haystack = Haystack(config.haystack, tokenizer)
         self._cells: list[_Cell] | None = None
+        self._qa: list[tuple[dict[str, Any], Any]] | None = None
+
+    def _build_qa(self) -> list[tuple[dict[str, Any], Any]]:
+        from ..chat import render
+        from ..harness.qa import make_docs
+        from ..niah.engine import Job
+
+        docs = make_docs(self.config.qa, "no_ind", self.config.data_dir)[: self.config.qa_limit]
+        return [(d, Job(render(self.tokenizer, [{"role": "user", "content": d["prompt"]}], add_generation_prompt=True),
+                        tag=i)) for i, d in enumerate(docs)]
 
     def _build(self) -> list[_Cell]:
         from ..niah.engine import Job
@@ -186,7 +206,26 @@ class ContextProbe:
             metrics[f"{PREFIX}user_share/no_template"] = shares["no_template"]
             metrics[f"{PREFIX}user_share_gap"] = shares["no_template"] - shares["template"]
             seconds["attention"] = round(time.perf_counter() - t1, 3)
-        return {"metrics": metrics, "cells": cells, "seconds": seconds}
+        out = {"metrics": metrics, "cells": cells, "seconds": seconds}
+        if cfg.qa:
+            t2 = time.perf_counter()
+            out["qa"] = self._run_qa(model)
+            metrics[f"{PREFIX}qa/{cfg.qa}"] = sum(q["contains"] for q in out["qa"]) / max(1, len(out["qa"]))
+            seconds["qa"] = round(time.perf_counter() - t2, 3)
+        return out
+
+    def _run_qa(self, model: Any) -> list[dict[str, Any]]:
+        """Greedy answers to the QA sample, each scored by contains-match (as ``ctxaware eval``)."""
+        from ..harness.qa import contains
+        from ..niah.engine import GreedyEngine
+
+        if self._qa is None:
+            self._qa = self._build_qa()
+        answers: dict[int, str] = {}
+        engine = GreedyEngine(model, self.tokenizer, self.config.qa_max_new_tokens, batch_size=self.config.batch_size)
+        engine.run([j for _, j in self._qa], lambda job, answer: answers.__setitem__(job.tag, answer))
+        return [{"question": d["question"], "answer": answers[j.tag], "contains": contains(answers[j.tag], d["answers"])}
+                for d, j in self._qa]
 
 
 __all__ = ["MONITOR_FILE", "ContextProbe", "MonitorConfig"]
