@@ -207,3 +207,24 @@ def test_chunked_prefill_short_chunks(tmp_path, model_dir, hf):
         ref = hf_logprobs(hf, r["messages"], r["steering"], o["ids"][:-1])
         assert top_diff(o, ref[0]) <= tol
         assert max(abs(a - ref[i, t].item()) for i, (a, t) in enumerate(zip(o["steps"], o["ids"]))) < 5e-4
+
+
+def test_sliding_window_softcap_gqa_tiny_gemma2(tmp_path):
+    """A random 2-layer Gemma-2 (GQA 4/2 heads; layer 0 a 24-token sliding window < the prompt; softcap 5)."""
+    from ctxaware.models import load_model
+    from ctxaware.vllm.models import tiny_model_dir
+
+    path = tiny_model_dir("gemma2")
+    reqs = [req(A, {"alpha": 0.3}, 6), req(A)]
+    out = run_vllm(tmp_path, {"model": path, "phases": [reqs], "engine": {"max_model_len": 512, "block_size": 32}})[0]
+    assert len(out[0]["prompt"]) > 3 * 24
+    model = load_model(path, dtype="float32", device="cpu", attn_implementation="eager")
+    tiny = (model.model, model.tokenizer)
+    plain_diff = top_diff(out[1], hf_logprobs(tiny, A)[0])
+    assert plain_diff < 1e-4  # vLLM and transformers agree on the window itself
+    tol = max(4 * plain_diff, 1e-5)
+    ref = hf_logprobs(tiny, A, {"alpha": 0.3}, out[0]["ids"][:-1])
+    assert top_diff(out[0], ref[0]) <= tol
+    assert max(abs(a - ref[i, t].item()) for i, (a, t) in enumerate(zip(out[0]["steps"], out[0]["ids"]))) <= 10 * tol
+    plain = hf_logprobs(tiny, A)[0]
+    assert max(abs(ref[0, int(t)] - plain[int(t)]).item() for t in out[0]["top"]) > 20 * tol

@@ -18,7 +18,9 @@ from ..models import cache_dir, load_tokenizer, resolve_model_path, save_pretrai
 TINY = {
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
     "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
-    "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 24},
+    # layer 0 a 24-token sliding window, layer 1 full; attention softcap 5 (small enough to matter)
+    "gemma2": {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "sliding_window": 24,
+               "attn_logit_softcapping": 5.0, "query_pre_attn_scalar": 32},
 }
 
 
