@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 def _cfg(out, **kw) -> StudyConfig:
     base = dict(out=str(out), task="multi-query,literal-free", needle="multi-value", lengths="500,600", depths="50",
                 max_new_tokens=3, attention_length=600, attention_depths="50", alpha=0.5, progress=False,
-                effective_threshold=0.5)
+                effective_threshold=0.5, phrasings="0")  # one phrasing each (phrasings: tests/test_report.py)
     return StudyConfig(**{**base, **kw})
 
 

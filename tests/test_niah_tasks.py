@@ -50,20 +50,22 @@ def test_literal_free_questions_share_no_content_word_with_their_needles():
 def test_builtin_tasks_round_trip_and_hide_nothing_in_the_haystack(tmp_path):
     corpus = {w for f in CORPUS_DIR.glob("*.txt") for w in normalize_words(f.read_text())}
     for name, task in TASKS.items():
-        assert load_needle(name) is task and not task.single and task.name == name
+        assert load_needle(name, None) is task and not task.single and task.name == name
+        assert load_needle(name) == task.phrased(0) and load_needle(name).questions == ()
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(task.to_dict()))
-        assert load_needle(str(path)) == task
+        assert load_needle(str(path), None) == task and load_needle(str(path) + "@q2") == task.phrased(2)
         words = {k.lower() for k in task.keywords} | {v for d in task.distractors for v in d.values}
         assert not words & corpus, name  # an answer can only recall them from the inserted sentences
     assert len(TASKS["multi-key"].distractors) == 3 and len(TASKS["multi-key"].keywords) == 1
     assert len(TASKS["multi-value"].texts) == len(TASKS["multi-value"].keywords) == 3
     assert len(TASKS["multi-query"].texts) == 2
     # the old format is still exactly the old needle: same dict, same digest as before this change
-    assert NEEDLES["SF"].single and set(NEEDLES["SF"].to_dict()) == {"name", "needle", "question", "keywords"}
+    sf = load_needle("SF")  # what runs ask by default: the first phrasing, without the others
+    assert sf.single and set(sf.to_dict()) == {"name", "needle", "question", "keywords"}
     old = {"name": "SF", "needle": NEEDLES["SF"].needle, "question": NEEDLES["SF"].question,
            "keywords": list(NEEDLES["SF"].keywords)}
-    assert NEEDLES["SF"].digest == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert sf.digest == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert set(builtin_needles()) == set(NEEDLES) | set(TASKS)
 
 
@@ -200,7 +202,7 @@ def test_calibration_scores_heads_over_every_needle_of_a_task(tiny):
     for name in ("multi-key", "multi-query"):
         cfg = CalibrationConfig(lengths="700", depths="10", needle=name, progress=False)
         rows, _, task = held_in_cells(cfg, tok)
-        assert task is TASKS[name] and len(rows) == 1
+        assert task == TASKS[name].phrased(0) and len(rows) == 1
         r = rows[0]["prompt"]
         assert all(t in r.text for t in task.inserts)
         assert rows[0]["messages"][-1]["content"] == " ".join(task.texts)

@@ -221,3 +221,34 @@ def test_verdict_names_answers_cut_by_the_budget(tmp_path):
     assert "7 cells more lost with the template, made of answers cut by the token budget" in tmpl.text
     assert tmpl.numbers["test_without_truncated"]["p"] == 1.0
     assert "chat+prefix 7/20" in found["truncated"].text and "raw+prefix 0/20" in found["truncated"].text
+
+
+def test_phrasings_pooled_and_per_phrasing(tmp_path):
+    """Three phrasings of one needle (tasks SF, SF@q1, SF@q2): per-phrasing verdicts, and a pooled McNemar test
+    over every (phrasing, cell) pair whose p-value is recomputed by brute force."""
+    rng = random.Random(7)
+    d = tmp_path / "n"
+    d.mkdir()
+    rows = []
+    for i, needle in enumerate(("SF", "SF@q1", "SF@q2")):
+        for L in (1000, 3000):
+            for dep in (0, 25, 50, 75, 100):
+                for mode in ("raw+prefix", "chat+prefix"):
+                    lost_p = 0.2 + (0.3 if mode == "chat+prefix" and i != 1 else 0)
+                    rows.append({"key": f"{needle}|{mode}|{L}|{dep}", "model": "m", "mode": mode, "needle": needle,
+                                 "haystack": "h", "length": L, "tokens": L, "depth": dep, "answer": "…",
+                                 "recall": 0.0 if rng.random() < lost_p else 1.0})
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "manifest.json").write_text(json.dumps({"study": {"model": "m"}, "config": {"model": "m"}}))
+    (m,) = load_results([d])
+    found = [f for f in findings(m) if f.kind == "phrasings"]
+    assert len(found) == 1 and "SF over 3 phrasings" in found[0].text
+    pooled = {c: v for c, v in ((("raw", r["needle"], r["length"], r["depth"]), r["recall"]) for r in rows
+                                if r["mode"] == "raw+prefix")}
+    chat = {("raw",) + c[1:]: v for c, v in ((("c", r["needle"], r["length"], r["depth"]), r["recall"]) for r in rows
+                                             if r["mode"] == "chat+prefix")}
+    assert found[0].numbers["test"]["p"] == pytest.approx(_mcnemar_p(chat, pooled))
+    assert found[0].numbers["test"]["n"] == 30 and len(found[0].numbers["by_phrasing"]) == 3
+    effects = [p["effect"] for p in found[0].numbers["by_phrasing"]]
+    assert f"spread {max(effects) - min(effects):.2f}" in found[0].text
+    assert sum(1 for f in findings(m) if f.kind == "template") == 3  # one verdict per phrasing too

@@ -147,3 +147,18 @@ def test_study_target_effect_sizes_the_grid():
     assert StudyConfig(target_effect=0.9).niah_config().grid_depths() == [0, 25, 50, 75, 100]  # 15 cells suffice
     with pytest.raises(ConfigError, match=r"needs at least \d+ cells per mode"):
         StudyConfig(target_effect=0.02)
+
+
+def test_study_runs_every_phrasing_into_its_own_directory():
+    from ctxaware.errors import ConfigError
+    from ctxaware.niah.needles import load_needle
+    from ctxaware.study.config import StudyConfig
+
+    parts = StudyConfig(out="/tmp/x").niah_configs()
+    assert {k: v.out for k, v in parts.items()} == {"SF": "/tmp/x/niah", "SF@q1": "/tmp/x/niah-SF_q1",
+                                                    "SF@q2": "/tmp/x/niah-SF_q2"}
+    questions = [load_needle(v.needle).question for v in parts.values()]
+    assert len(set(questions)) == 3 and questions[0] == load_needle("SF").question
+    assert list(StudyConfig(task="multi-key", phrasings="1").niah_configs()) == ["multi-key@q1"]
+    with pytest.raises(ConfigError, match="phrasings"):
+        StudyConfig(phrasings="5")

@@ -25,7 +25,7 @@ def tiny():
 
 def _cfg(out, **kw) -> StudyConfig:
     base = dict(out=str(out), lengths="200,320", depths="0,100", max_new_tokens=3, attention_length=300,
-                attention_depths="0,100", alpha=0.5, progress=False)
+                attention_depths="0,100", alpha=0.5, progress=False, phrasings="0")  # phrasings: test_report, test_stats
     return StudyConfig(**{**base, **kw})
 
 

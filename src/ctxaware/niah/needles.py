@@ -18,6 +18,11 @@ Custom needles come from a YAML/JSON file (docs/niah.md)::
       - text: The special magic number for the ruby ladder is 28406.
         values: [28406]                      # what recalling this distractor looks like
     prefix: The special magic number for the ruby lantern is     # optional +prefix answer opening
+    questions: [Which number is the ruby lantern's special magic number?]   # optional other phrasings
+
+Phrasings: ``questions`` lists other phrasings of ``question`` (the same answer); every built-in has
+three. ``load_needle("SF")`` asks the first (the needle exactly as written before phrasings existed),
+``load_needle("SF@q1")`` the second (named ``SF@q1`` in records, so results are per phrasing).
 
 Placement: the texts (needles, then distractors) go at depths ``d + o·(100 − d)`` % of the
 haystack for the cell's depth ``d`` and relative offsets ``o`` in [0, 1]; by default ``o = i/k``
@@ -40,7 +45,7 @@ from ..errors import ConfigError, InputFileNotFoundError
 from ..scoring.indicator import INDICATOR
 from .scoring import normalize_keyword, normalize_words
 
-FILE_KEYS = ("name", "needle", "needles", "question", "keywords", "offsets", "distractors", "prefix")
+FILE_KEYS = ("name", "needle", "needles", "question", "questions", "keywords", "offsets", "distractors", "prefix")
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,24 @@ class Needle:
     offsets: tuple[float, ...] | None = None
     distractors: tuple[Distractor, ...] = ()
     answer_prefix: str | None = None
+    questions: tuple[str, ...] = ()  # other phrasings of ``question``, asking for the same answer
 
     def __post_init__(self) -> None:
         validate_needle(self)
+
+    @property
+    def phrasings(self) -> tuple[str, ...]:
+        """Every phrasing of the question, ``question`` first."""
+        return (self.question, *self.questions)
+
+    def phrased(self, i: int) -> Needle:
+        """The needle asking its ``i``-th phrasing, without the others: phrasing 0 is the needle as written
+        (same name and digest as a needle without ``questions``), phrasing ``i > 0`` is named ``<name>@q<i>``."""
+        if not isinstance(i, int) or not 0 <= i < len(self.phrasings):
+            raise ConfigError(f"needle {self.name!r} has {len(self.phrasings)} phrasing(s) (0..{len(self.phrasings) - 1}), "
+                              f"asked for {i!r}")
+        return dataclasses.replace(self, question=self.phrasings[i], questions=(),
+                                   name=self.name if i == 0 else f"{self.name}@q{i}")
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -101,19 +121,22 @@ class Needle:
         """The same needle with ``" [IND]"`` appended to the question (no-op if already there)."""
         if self.question.rstrip().endswith(INDICATOR):
             return self
-        return dataclasses.replace(self, name=self.name + "-indicator", question=self.question + " " + INDICATOR)
+        return dataclasses.replace(self, name=self.name + "-indicator", question=self.question + " " + INDICATOR,
+                                   questions=tuple(q + " " + INDICATOR for q in self.questions))
 
     def to_dict(self) -> dict:
         """The needle in the file format (a single needle: name, needle, question, keywords as always)."""
         if self.single:
-            return {"name": self.name, "needle": self.needle, "question": self.question,
-                    "keywords": list(self.keywords)}
+            d0 = {"name": self.name, "needle": self.needle, "question": self.question, "keywords": list(self.keywords)}
+            return {**d0, "questions": list(self.questions)} if self.questions else d0
         d: dict[str, Any] = {"name": self.name}
         if self.extra_needles:
             d["needles"] = list(self.texts)
         else:
             d["needle"] = self.needle
         d.update(question=self.question, keywords=list(self.keywords))
+        if self.questions:
+            d["questions"] = list(self.questions)
         if self.offsets is not None:
             d["offsets"] = list(self.offsets)
         if self.distractors:
@@ -145,6 +168,14 @@ def validate_needle(n: Needle) -> None:
     for i, text in enumerate(n.extra_needles):
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"needle {n.name!r}: 'needles[{i + 1}]' must be a non-empty string")
+    seen = set()
+    for i, q in enumerate(n.phrasings):
+        if not isinstance(q, str) or not q.strip():
+            raise ConfigError(f"needle {n.name!r}: 'questions[{i}]' must be a non-empty string")
+        norm = " ".join(normalize_words(q))
+        if norm in seen:
+            raise ConfigError(f"needle {n.name!r}: the phrasing {q!r} repeats another one (phrasings must be distinct)")
+        seen.add(norm)
     if not n.keywords:
         raise ConfigError(f"needle {n.name!r}: 'keywords' must list at least one word")
     words = {w for t in n.texts for w in normalize_words(t)}
@@ -197,12 +228,24 @@ _PIZZA_K = ("figs", "prosciutto", "smoked", "applewood", "bacon", "lemon", "goat
 _PIZZA_SHORT = ("The secret ingredients needed to build the perfect pizza are figs, prosciutto, smoked applewood "
                 "bacon and lemon.")
 
+#: other phrasings of the built-in questions (same answer; phrasing 0 is the paper's question)
+_SF_QS = ("If I visit San Francisco, what is the best thing for me to do there?",
+          "According to the document, what should one do in San Francisco above all?")
+_PIZZA_QS = ("Which secret ingredients does the perfect pizza need?",
+             "List the secret ingredients required to make the perfect pizza.")
+
+
+def _ind(questions: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(q + " " + INDICATOR for q in questions)
+
+
 NEEDLES: dict[str, Needle] = {
-    "SF": Needle("SF", _SF, _SF_Q, _SF_K),
-    "SF-indicator": Needle("SF-indicator", _SF, _SF_Q + " " + INDICATOR, _SF_K),
-    "pizza": Needle("pizza", _PIZZA, _PIZZA_Q, _PIZZA_K),
-    "pizza-indicator": Needle("pizza-indicator", _PIZZA, _PIZZA_Q + " " + INDICATOR, _PIZZA_K),
-    "pizza-short": Needle("pizza-short", _PIZZA_SHORT, _PIZZA_Q, _PIZZA_K[:6]),
+    "SF": Needle("SF", _SF, _SF_Q, _SF_K, questions=_SF_QS),
+    "SF-indicator": Needle("SF-indicator", _SF, _SF_Q + " " + INDICATOR, _SF_K, questions=_ind(_SF_QS)),
+    "pizza": Needle("pizza", _PIZZA, _PIZZA_Q, _PIZZA_K, questions=_PIZZA_QS),
+    "pizza-indicator": Needle("pizza-indicator", _PIZZA, _PIZZA_Q + " " + INDICATOR, _PIZZA_K,
+                              questions=_ind(_PIZZA_QS)),
+    "pizza-short": Needle("pizza-short", _PIZZA_SHORT, _PIZZA_Q, _PIZZA_K[:6], questions=_PIZZA_QS),
 }
 
 
@@ -240,6 +283,13 @@ def needle_from_dict(data: dict, *, name: str) -> Needle:
                           f"{', '.join(FILE_KEYS)}")
     if "needle" in data and "needles" in data:
         raise ConfigError(f"needle {name!r}: give 'needle' (one sentence) or 'needles' (a list), not both")
+    questions = data.get("questions")
+    if questions is not None:
+        if isinstance(questions, str) or not isinstance(questions, (list, tuple)) or not questions \
+                or not all(isinstance(q, str) for q in questions):
+            raise ConfigError(f"needle {name!r}: 'questions' must be a non-empty list of phrasings of the question")
+        first = data.get("question", questions[0])
+        data = {**data, "question": first, "questions": [q for q in questions if q != first]}
     missing = [k for k in ("question", "keywords") if k not in data]
     if "needle" not in data and "needles" not in data:
         missing.insert(0, "needle")
@@ -259,7 +309,8 @@ def needle_from_dict(data: dict, *, name: str) -> Needle:
         offsets = tuple(offsets)
     return Needle(name, texts[0], data["question"], _words(data["keywords"], "keywords", name),
                   extra_needles=tuple(texts[1:]), offsets=offsets,
-                  distractors=_distractors(data.get("distractors") or [], name), answer_prefix=data.get("prefix"))
+                  distractors=_distractors(data.get("distractors") or [], name), answer_prefix=data.get("prefix"),
+                  questions=tuple(data.get("questions") or ()))
 
 
 def builtin_needles() -> dict[str, Needle]:
@@ -269,10 +320,26 @@ def builtin_needles() -> dict[str, Needle]:
     return {**NEEDLES, **TASKS}
 
 
-def load_needle(spec: str | Needle | dict) -> Needle:
-    """A built-in needle or task by name, a YAML/JSON file path, a mapping, or a :class:`Needle` as is."""
+def load_needle(spec: str | Needle | dict, phrasing: int | None = 0) -> Needle:
+    """A built-in needle or task by name, a YAML/JSON file path, a mapping, or a :class:`Needle` as is.
+
+    ``phrasing``: which phrasing of the question the needle asks (:meth:`Needle.phrased`; 0, the first, is
+    the needle exactly as before phrasings existed); ``None`` keeps every phrasing. A name or path ending
+    in ``@q<i>`` (``SF@q1``, ``task.yaml@q2``) asks phrasing ``i``.
+    """
     if isinstance(spec, Needle):
         return spec
+    if isinstance(spec, str):
+        import re
+
+        m = re.fullmatch(r"(.+)@q(\d+)", spec.strip())
+        if m:
+            return load_needle(m.group(1), None).phrased(int(m.group(2)))
+    full = _load_full(spec)
+    return full if phrasing is None else full.phrased(phrasing)
+
+
+def _load_full(spec: str | dict) -> Needle:
     if isinstance(spec, dict):
         return needle_from_dict(spec, name=str(spec.get("name", "custom")))
     known = builtin_needles()

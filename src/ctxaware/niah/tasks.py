@@ -27,6 +27,8 @@ def _multi_key() -> Needle:
     distract = (("ruby ladder", "28406"), ("copper lantern", "51837"), ("ruby lanterns", "64290"))
     return Needle("multi-key", _MAGIC.format(key=real, value="73914"),
                   f"What is the special magic number for the {real}?", ("73914",),
+                  questions=(f"Which number is the special magic number of the {real}?",
+                             f"Give the special magic number for the {real}."),
                   distractors=tuple(Distractor(_MAGIC.format(key=k, value=v), (v,)) for k, v in distract),
                   answer_prefix=f"The special magic number for the {real} is")
 
@@ -35,6 +37,8 @@ def _multi_value() -> Needle:
     values = ("73914", "28406", "51837")
     texts = [f"One of the special magic numbers for the amber kettle is {v}." for v in values]
     return Needle("multi-value", texts[0], "What are all the special magic numbers for the amber kettle?", values,
+                  questions=("List every special magic number given for the amber kettle.",
+                             "Which special magic numbers does the amber kettle have? Give all of them."),
                   extra_needles=tuple(texts[1:]),
                   answer_prefix="The special magic numbers for the amber kettle are")
 
@@ -45,6 +49,8 @@ def _multi_query() -> Needle:
     return Needle("multi-query", texts[0],
                   "What are the special magic numbers for the ruby lantern and for the silver compass?",
                   tuple(v for _, v in pairs), extra_needles=tuple(texts[1:]),
+                  questions=("Give the special magic number of the ruby lantern and that of the silver compass.",
+                             "Which special magic numbers belong to the ruby lantern and to the silver compass?"),
                   answer_prefix="The special magic numbers for the ruby lantern and the silver compass are")
 
 
@@ -65,11 +71,23 @@ LITERAL_FREE: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+#: two more phrasings of each literal-free question (again sharing no content word with the needle)
+LITERAL_FREE_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("Who among the characters has visited Helsinki?", "Name the character who has travelled to Helsinki."),
+    ("Who among the characters has been to Granada?", "Name the character who has travelled to Granada."),
+    ("Who among the characters resides in Berlin?", "Name the character whose home is in Berlin."),
+    ("Who among the characters has to stay away from bread?", "Name the character for whom bread is off limits."),
+    ("Who among the characters has visited Paris?", "Name the character who has travelled to Paris."),
+    ("Who among the characters has been to California?", "Name the character who has travelled to California."),
+)
+
+
 def _literal_free() -> dict[str, Needle]:
     out = {}
     for i, (needle, question, keyword, prefix) in enumerate(LITERAL_FREE):
         name = "literal-free" if i == 0 else f"literal-free-{i + 1}"
-        out[name] = Needle(name, needle, question, (keyword,), answer_prefix=prefix)
+        out[name] = Needle(name, needle, question, (keyword,), answer_prefix=prefix,
+                           questions=LITERAL_FREE_QUESTIONS[i])
     return out
 
 

@@ -104,11 +104,14 @@ class _Collector:
         model = records[0].get("model", "?")
         ident = manifest.get("identity")
         other = self.models.get(model)
-        if ident and other is not None and other.niah_identity and other.niah_identity != ident:
-            # the same model name with another dtype, device, model content, ...: its own row, never a blend
-            from ..identity import Identity
+        from ..identity import Identity
 
-            field_name = Identity.from_dict(ident).diff(other.niah_identity)[0]
+        # tasks and phrasings of one study differ only in the needle: one model, one row
+        differ = [f for f in Identity.from_dict(ident).diff(other.niah_identity) if not f.startswith("extra.needle")] \
+            if ident and other is not None and other.niah_identity else []
+        if differ:
+            # the same model name with another dtype, device, model content, ...: its own row, never a blend
+            field_name = differ[0]
             value = ident
             for part in field_name.split("."):
                 value = value.get(part) if isinstance(value, dict) else None

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from ..niah.scoring import effective_length, recall_by_length
-from .verdict import Finding, cells_by_mode, lost, niah_findings
+from .verdict import Finding, cells_by_mode, lost, niah_findings, phrasing_findings
 
 DEFAULT_THRESHOLD = 0.85
 
@@ -53,7 +53,7 @@ def task_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
                                              f"besides) the needle's: {text}.",
                                {"task": task, "distracted": {m: a for m, (a, _) in per.items()},
                                 "cells": {m: n for m, (_, n) in per.items()}}))
-    return out
+    return out + phrasing_findings(records)
 
 
 def found_rows(models: Sequence[Any]) -> tuple[list[str], list[list[Any]]]:

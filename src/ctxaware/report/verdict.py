@@ -249,3 +249,56 @@ def qa_findings(qa: dict[str, dict[str, Any]]) -> list[Finding]:
             by_set.setdefault(name, []).append(f"{variant} {row['metric']} {row['value']:.2f}{se}")
     return [Finding("qa", f"{name.upper()}: " + ", ".join(items) + ".", {"dataset": name})
             for name, items in by_set.items()]
+
+
+def base_task(name: str) -> tuple[str, int]:
+    """``"SF@q2"`` -> ``("SF", 2)``; a name without a phrasing suffix is phrasing 0."""
+    import re
+
+    m = re.fullmatch(r"(.+)@q(\d+)", str(name))
+    return (m.group(1), int(m.group(2))) if m else (str(name), 0)
+
+
+def phrasing_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
+    """For a needle/task run in several phrasings: each comparison (template, steering) pooled over the phrasings
+    (exact McNemar over every paired (phrasing, cell)), the effect per phrasing and its spread."""
+    groups: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in records:
+        base, i = base_task(r.get("needle", "?"))
+        groups.setdefault(base, {}).setdefault(i, []).append(r)
+    out = []
+    for base, by_phr in groups.items():
+        if len(by_phr) < 2:
+            continue
+        modes = {r["mode"] for rs in by_phr.values() for r in rs}
+        pairs = [(m, _counterpart(m, "template"), "the template") for m in sorted(modes)
+                 if parse_mode(m)[0] == "chat" and "steer" not in parse_mode(m)[1]]
+        pairs += [(m, _counterpart(m, "steer"), "steering") for m in sorted(modes) if "steer" in parse_mode(m)[1]]
+        for mode, other, what in pairs:
+            if other not in modes:
+                continue
+            a, b, per = [], [], []
+            for i in sorted(by_phr):
+                cells = cells_by_mode(by_phr[i])
+                if mode not in cells or other not in cells:
+                    continue
+                common = sorted(set(cells[mode]) & set(cells[other]))
+                x = [1 if cells[mode][c] >= 1.0 else 0 for c in common]
+                y = [1 if cells[other][c] >= 1.0 else 0 for c in common]
+                t = stats.mcnemar(x, y)
+                per.append({"phrasing": i, "effect": t.effect, "p": t.p, "n": t.n})
+                a += x
+                b += y
+            if len(per) < 2:
+                continue
+            t = stats.mcnemar(a, b)
+            spread = max(p["effect"] for p in per) - min(p["effect"] for p in per)
+            verdict = "significant at the 5 % level" if t.significant else f"no difference detected at n = {t.n}"
+            out.append(Finding("phrasings", f"{base} over {len(per)} phrasings, {what} ({other} → {mode}): the share of "
+                               f"cells found changes by {t.effect:+.2f} pooled (exact McNemar over {t.n} paired cells, "
+                               f"95 % CI {t.ci[0]:+.2f} to {t.ci[1]:+.2f}, p = {stats.format_p(t.p)}): {verdict}; per "
+                               "phrasing " + ", ".join(f"{p['phrasing']}: {p['effect']:+.2f} (p = {stats.format_p(p['p'])})"
+                                                       for p in per) + f"; spread {spread:.2f}.",
+                               {"task": base, "mode": mode, "other": other, "test": t.to_dict(), "by_phrasing": per,
+                                "spread": spread}))
+    return out

@@ -36,6 +36,10 @@ class StudyConfig(ConfigMixin):
                       help="NIH tasks, comma-separated: multi-key, multi-value, multi-query, literal-free, any "
                            "needle name or file; each runs in every mode into its own DIR/niah-<task>/ "
                            "(default: only --needle, into DIR/niah)")
+    phrasings: Any = field("all", metavar="I1,I2,...|all",
+                           help="question phrasings of each needle/task to run (0 = the needle's own question; every "
+                                "built-in has three): phrasing i > 0 of a task T goes to DIR/niah-T_q<i>/ and its "
+                                "records are task T@q<i>; the report gives verdicts per phrasing and pooled")
     effective_threshold: float = field(0.85, help="mean recall a length must reach for the NIH effective length")
     target_effect: float | None = field(None, metavar="D",
                                         help="size the NIH grid to detect a difference D (0-1) in the share of cells "
@@ -150,9 +154,29 @@ class StudyConfig(ConfigMixin):
 
     def niah_configs(self) -> dict[str, NiahConfig]:
         """Every NIH part by name: ``{needle: DIR/niah}`` without tasks, else one per task."""
-        if not self.task:
-            return {self.needle: self.niah_config()}
-        return {t: self.niah_config(t) for t in self.task}
+        out: dict[str, NiahConfig] = {}
+        for task in self.task or [None]:
+            spec = self.needle if task is None else task
+            for i in self.phrasing_indices(spec):
+                out[spec if i == 0 else f"{spec}@q{i}"] = self.niah_config(task if i == 0 else f"{spec}@q{i}")
+        return out
+
+    def phrasing_indices(self, spec: str) -> list[int]:
+        """The phrasings of needle/task ``spec`` this study runs (``phrasings``: all, or indices it has)."""
+        from ..niah.needles import load_needle
+
+        count = len(load_needle(spec, None).phrasings)
+        if str(self.phrasings).strip().lower() == "all":
+            return list(range(count))
+        items = self.phrasings.split(",") if isinstance(self.phrasings, str) else list(self.phrasings)
+        try:
+            chosen = sorted({int(str(v).strip()) for v in items if str(v).strip()})
+        except ValueError:
+            raise ConfigError(f"phrasings must be 'all' or indices, got {self.phrasings!r}") from None
+        bad = [i for i in chosen if not 0 <= i < count]
+        if bad or not chosen:
+            raise ConfigError(f"phrasings {self.phrasings!r}: {spec} has phrasings 0..{count - 1}")
+        return chosen
 
     def engine_options(self) -> dict[str, Any]:
         """The engine fields, as the NIH and MT-Bench parts take them."""

@@ -66,7 +66,7 @@ def commands(cfg: StudyConfig) -> dict[str, str]:
         niah += [opt("steering", cfg.steering)] if cfg.steering else [opt("alpha", cfg.alpha), opt("heads", cfg.heads)]
         if cfg.effective_threshold != 0.85:
             niah.append(opt("effective_threshold", cfg.effective_threshold))
-        name = "niah" if not cfg.task else "niah " + task
+        name = "niah" if not cfg.task and task == cfg.needle else "niah " + task
         niah_commands[name] = " ".join(niah + [opt("out", n.out)])
     study = ["ctxaware study", *common, *engine, opt("out", cfg.out)]
     study += [opt("task", ",".join(cfg.task))] if cfg.task else []
