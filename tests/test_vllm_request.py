@@ -141,3 +141,17 @@ def test_steered_attention_matches_float64(softcap, window):
     plain = steered_attention(q, k, v, q_pos=pos, kv_len=kv_len, coef=torch.zeros(r, hq), down=down, scale=0.35,
                               softcap=softcap, window=window)
     assert (plain.double() - want).abs().max() > 1e-2  # the bias matters in this test
+
+
+def test_unsteerable_models_named():
+    from types import SimpleNamespace as N
+
+    from ctxaware.vllm.plugin import unsteerable_model_reason
+
+    def cfg(model_type, **kw):
+        return N(hf_text_config=N(model_type=model_type, **kw), use_mla=kw.pop("mla", False), is_hybrid=False)
+
+    assert unsteerable_model_reason(cfg("llama")) is None and unsteerable_model_reason(cfg("gemma2")) is None
+    assert "ALiBi" in unsteerable_model_reason(cfg("bloom"))
+    assert "sinks" in unsteerable_model_reason(cfg("gpt_oss"))
+    assert "MLA" in unsteerable_model_reason(N(hf_text_config=N(model_type="deepseek_v3"), use_mla=True))

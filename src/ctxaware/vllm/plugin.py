@@ -12,6 +12,7 @@ untouched; steered requests are then refused with a 400 (:mod:`.batch`), never r
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +59,23 @@ def register() -> None:
     register_backend(AttentionBackendEnum.CPU_ATTN, "ctxaware.vllm.cpu_backend.SteeredCPUAttentionBackend")
     _STATE["reason"] = None
     logger.info("ctxaware: steered attention registered over CPU_ATTN")
+
+
+def unsteerable_model_reason(model_config: Any) -> str | None:
+    """Why this model's attention cannot be steered by the plugin (``None`` when it can).
+
+    The steered rows are recomputed for standard decoder self-attention through ``CPU_ATTN``;
+    models whose layers use another backend (MLA, Mamba/linear-attention hybrids), ALiBi or
+    attention sinks are refused up front (front ends answer 400) instead of running unsteered."""
+    text = model_config.hf_text_config
+    model_type = str(getattr(text, "model_type", "")).lower()
+    if getattr(model_config, "use_mla", False):
+        return f"{model_type} uses multi-head latent attention (MLA), which the plugin does not steer"
+    if getattr(model_config, "is_hybrid", False) or getattr(text, "layers_block_type", None):
+        return f"{model_type} mixes attention with state-space/linear layers, which the plugin does not steer"
+    if (getattr(text, "alibi", False) or getattr(text, "position_embedding_type", None) == "alibi"
+            or model_type in ("bloom", "mpt", "baichuan")):
+        return f"{model_type} uses ALiBi position biases, which the steered path does not implement"
+    if model_type in ("gpt_oss",) or getattr(text, "sinks", None) is not None:
+        return f"{model_type} uses attention sinks, which the steered path does not implement"
+    return None

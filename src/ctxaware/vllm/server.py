@@ -52,6 +52,9 @@ class Steerer:
         text = mc.hf_text_config
         self.layers, self.heads = int(text.num_hidden_layers), int(text.num_attention_heads)
         self.chat_template = chat_template
+        from .plugin import unsteerable_model_reason
+
+        self.unsteerable = unsteerable_model_reason(mc)
         path = os.environ.get(STEERING_ENV)
         self.default = None
         if path:
@@ -71,7 +74,7 @@ class Steerer:
             if indicator:
                 body["messages"] = append_indicator(parse_messages(body.get("messages")))
             return body, RQ.steering_request(None, None, indicator=indicator).applied
-        reason = inactive_reason()
+        reason = inactive_reason() or self.unsteerable
         if reason:
             raise APIError(f"this request is steered but {reason}", param=RQ.BODY_FIELD, code="unsteerable")
         try:
