@@ -73,6 +73,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson", ".csv", ".txt", ".yaml", ".yml")
+
+
+def check_local_input(value: str | Path | None, what: str) -> None:
+    """Refuse, before any work, a value that names a local file (a data-file suffix, a path separator or a leading
+    ``.``/``~``) that does not exist; other values (Hugging Face dataset names) pass."""
+    if not value:
+        return
+    text = str(value)
+    path = Path(text).expanduser()
+    local = path.suffix.lower() in DATA_SUFFIXES or text.startswith((".", "/", "~")) or "/" in text and path.parent.exists()
+    if local and not path.exists():
+        raise InputFileNotFoundError(f"{what} not found: {text}")
+
+
+def _numbers(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Values from a file for fields whose default is a number, as numbers: ``"2e-4"`` → 2e-4; a value that is no
+    number is a one-line :class:`ConfigError` naming the field (never a TypeError deep inside a run)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for k, v in data.items():
+        d = defaults.get(k)
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            continue
+        try:
+            num = float(v)
+            out[k] = int(num) if isinstance(d, int) and num.is_integer() else num
+        except (TypeError, ValueError):
+            raise ConfigError(f"{k} must be a number, got {v!r}") from None
+    return out
+
+
 class ConfigMixin:
     """Round trip of a config dataclass to dicts and YAML/JSON files."""
 
@@ -93,7 +127,7 @@ class ConfigMixin:
             hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
                      for k in unknown]
             raise ConfigError(f"unknown {cls.__name__} option(s): {', '.join(hints)}")
-        return cls(**{k.replace("-", "_"): v for k, v in data.items()})  # type: ignore[call-arg]
+        return cls(**_numbers(cls, {k.replace("-", "_"): v for k, v in data.items()}))  # type: ignore[call-arg]
 
     @classmethod
     def from_file(cls: type[T], path: str | Path) -> T:

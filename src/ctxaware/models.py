@@ -86,6 +86,23 @@ def default_device() -> str:
     return "cpu"
 
 
+def check_device(device: str | None) -> None:
+    """One-line :class:`ConfigError` for a device torch does not know or this machine does not have (before any
+    model loads)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(str(device)).type
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA GPU is visible here; use --device cpu")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16) through oneDNN."""
     import torch

@@ -233,6 +233,13 @@ def calibrate(config: CalibrationConfig | None = None, *, model: Any = None, tok
 
     cfg = config or CalibrationConfig()
     t_start = time.perf_counter()
+    from ..niah.haystack import check_haystack
+    from .guard import instruction_set, qa_set
+
+    load_needle(cfg.needle)  # every file the run names is read and checked before the model loads
+    check_haystack(cfg.haystack)
+    instruction_set(cfg.instructions, cfg.guard_examples)
+    qa_set(cfg.qa or None, cfg.guard_examples)
     out = writable_dir(cfg.out)
     if model is None or tokenizer is None:
         from ..models import load_model

@@ -63,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--in DATA is required (unless --merge)")
     config = config_from_args(ScoringConfig, args)
     shard = parse_shard(args.shard)
+    from pathlib import Path
+
+    from ..config import check_local_input
+
+    check_local_input(args.input, "input")  # checked before the model loads
+    if Path(args.out).suffix not in (".jsonl", ".json", ".parquet", ".ndjson"):
+        raise ConfigError(f"--out must end in .jsonl, .json or .parquet, got {Path(args.out).name}")
     from ..models import load_model
 
     from .options import model_kwargs

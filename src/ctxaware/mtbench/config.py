@@ -99,6 +99,7 @@ class MtBenchConfig(ConfigMixin):
         if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
             raise InputFileNotFoundError(f"adapter {self.adapter!r} is not a PEFT adapter directory (no "
                                          "adapter_config.json)")
+        self.steering_config()  # the steering file's content and --heads, checked now rather than after loading
         check_engine(self)
 
     def require_judge(self) -> None:

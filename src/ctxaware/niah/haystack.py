@@ -85,6 +85,13 @@ def _txt_files(path: Path) -> list[Path]:
     raise InputFileNotFoundError(f"haystack not found: {path} (use builtin, paul_graham, a .txt file or a directory)")
 
 
+def check_haystack(source: str) -> None:
+    """Refuse a haystack source that cannot be read, before any work (a local file or directory must exist and hold
+    .txt files; ``builtin`` and ``paul_graham`` are always valid, the latter downloaded when the run needs it)."""
+    if source not in (BUILTIN, PAUL_GRAHAM, BUILTIN + "-tail"):
+        _txt_files(Path(source).expanduser())
+
+
 def read_haystack(source: str) -> HaystackText:
     """Read the haystack text of ``source``: files in name order, newlines turned into spaces."""
     if source == BUILTIN:

@@ -182,6 +182,9 @@ def _resolved(cfg: NiahConfig, model: Any, model_name: str | None) -> tuple[str,
         from ..models import default_device
 
         device = default_device()
+    from ..models import check_device
+
+    check_device(device)
     return model_id(cfg.model), resolve_dtype(cfg.dtype, device), device_class(device)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputFileNotFoundError
 from ..fsio import atomic_write_json
 from .config import ARMS, SftStudyConfig
 
@@ -120,6 +120,38 @@ def _train_arm(cfg: SftStudyConfig, arm: str, labelled: Path) -> dict[str, Any]:
             "monitor": result.monitor}
 
 
+def study_config(cfg: SftStudyConfig, arm: str, model_dir: str) -> Any:
+    """The :class:`~ctxaware.study.StudyConfig` (NIH + attention) of one arm's evaluation."""
+    from ..study import StudyConfig
+
+    return StudyConfig(model=model_dir, out=str(Path(cfg.out) / arm), needle=cfg.needle, haystack=cfg.haystack,
+                       lengths=cfg.lengths, depths=cfg.depths, modes=",".join(cfg.arm_modes(arm)),
+                       max_new_tokens=cfg.max_new_tokens, attention_length=cfg.attention_length,
+                       attention_depths=cfg.attention_depths, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                       device=cfg.device, report=False, progress=cfg.progress, **cfg.engine_options())
+
+
+def validate(cfg: SftStudyConfig) -> None:
+    """Resolve and check the whole study before any stage: the dataset and template files, both arms' training
+    configs (recipe and overrides), their NIH/attention evaluation (lengths, depths, modes, needle and haystack
+    files) — so that a bad value fails in a second, not after scoring, labelling and training an arm."""
+    from ..config import check_local_input
+    from ..niah.haystack import check_haystack
+    from ..niah.needles import load_needle
+
+    check_local_input(cfg.dataset, "dataset")
+    check_local_input(cfg.template_file, "template file")
+    for name in ("data_dir", "mtbench_data_dir"):
+        value = getattr(cfg, name, None)
+        if value and not Path(value).expanduser().is_dir():
+            raise InputFileNotFoundError(f"{name.replace('_', '-')} {value!r} is not a directory")
+    load_needle(cfg.needle)
+    check_haystack(cfg.haystack)
+    for arm in ARMS:
+        arm_config(cfg, arm, Path(cfg.out) / "data" / "labelled.jsonl")
+        study_config(cfg, arm, str(Path(cfg.out) / arm / "model"))
+
+
 def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, Any]:
     """NIH + attention (through ``run_study``), QA, optional MT-Bench of one trained arm; resumable."""
     from ..models import load_model
@@ -129,11 +161,7 @@ def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, An
     out = Path(cfg.out) / arm
     vllm = cfg.engine != "transformers"  # NIH and MT-Bench through vLLM (the arm merged once), the rest on transformers
     loaded = None if vllm else load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
-    scfg = StudyConfig(model=model_dir, out=str(out), needle=cfg.needle, haystack=cfg.haystack, lengths=cfg.lengths,
-                       depths=cfg.depths, modes=",".join(cfg.arm_modes(arm)), max_new_tokens=cfg.max_new_tokens,
-                       attention_length=cfg.attention_length, attention_depths=cfg.attention_depths,
-                       batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device, report=False,
-                       progress=cfg.progress, **cfg.engine_options())
+    scfg = study_config(cfg, arm, model_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     study = run_study(scfg, model=loaded.model if loaded else None, tokenizer=loaded.tokenizer if loaded else None,
@@ -176,6 +204,7 @@ def run_sft_study(config: SftStudyConfig) -> SftStudyRun:
     cfg = config
     if not cfg.dataset:
         raise ConfigError("no dataset: pass --dataset FILE (JSONL messages) or a Hugging Face dataset name")
+    validate(cfg)  # everything, before any file is written
     out = Path(cfg.out)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

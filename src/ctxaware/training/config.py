@@ -177,6 +177,9 @@ class TrainConfig(ConfigMixin):
             raise ConfigError("no training data: set dataset in the recipe or pass --dataset FILE")
         if not self.output_dir:
             raise ConfigError("no output directory: set output_dir in the recipe or pass --output-dir DIR")
+        from ..config import check_local_input
+
+        check_local_input(self.dataset, "training data")  # before the model loads, not after
 
     def sft_config(self, *, on_gpu: bool, bf16_supported: bool = False):
         """The ``trl.SFTConfig`` for this recipe (imports trl).
