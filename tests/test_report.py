@@ -252,3 +252,34 @@ def test_phrasings_pooled_and_per_phrasing(tmp_path):
     effects = [p["effect"] for p in found[0].numbers["by_phrasing"]]
     assert f"spread {max(effects) - min(effects):.2f}" in found[0].text
     assert sum(1 for f in findings(m) if f.kind == "template") == 3  # one verdict per phrasing too
+
+
+def test_attention_over_all_heads_recomputed(tmp_path):
+    """The head finding's counts and tests against independent computations on synthetic per-head shares."""
+    from fractions import Fraction
+    from math import comb
+
+    rng = random.Random(3)
+    L, H = 6, 9
+    none = [[rng.uniform(0.2, 0.9) for _ in range(H)] for _ in range(L)]
+    tmpl = [[v - rng.uniform(-0.05, 0.1) for v in row] for row in none]
+    shares = {ch: [0.2] * L for ch in ("bos", "system", "user", "template", "assistant")}
+    att = {"channels": list(shares), "retrieval_head": {"layer": 1, "head": 2, "needle_mass": 0.5},
+           "conditions": {c: {"shares": shares, "mean_shares": {k: 0.2 for k in shares}, "head_user_shares": h,
+                              "retrieval_head_shares": {k: 0.2 for k in shares}}
+                          for c, h in (("template", tmpl), ("no_template", none))}}
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "attention.json").write_text(json.dumps({**att, "model": "m"}))
+    out = build_report([d], tmp_path / "r.html")
+    (m,) = load_results([d])
+    (f,) = [f for f in findings(m) if f.kind == "attention-heads"]
+    diffs = [t - n for rt, rn in zip(tmpl, none) for t, n in zip(rt, rn)]
+    falls = sum(1 for x in diffs if x < 0)
+    assert f.numbers["falls"] == falls and f"falls under the template in {falls} of {L * H} heads" in f.text
+    k, n = falls, sum(1 for x in diffs if x != 0)
+    probs = [Fraction(comb(n, i), 2 ** n) for i in range(n + 1)]
+    assert f.numbers["sign_test"]["p"] == pytest.approx(float(sum(p for p in probs if p <= probs[k])))
+    sp = pytest.importorskip("scipy.stats")
+    assert f.numbers["wilcoxon"]["p"] == pytest.approx(sp.wilcoxon(diffs, correction=False, method="approx").pvalue)
+    assert "user share per head of" in out.read_text()

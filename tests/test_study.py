@@ -45,6 +45,10 @@ def test_study_writes_every_part_and_resumes(tiny, tmp_path, monkeypatch):
         assert per_layer == pytest.approx([1.0, 1.0])
         assert sum(cond["retrieval_head_shares"].values()) == pytest.approx(1.0)
         assert cond["shares"]["system"] == [0.0, 0.0]  # the system message is empty: no content tokens
+        heads = torch.tensor(cond["head_user_shares"])  # every layer's every head (the test across heads)
+        assert heads.shape == (2, 4) and bool(((heads >= 0) & (heads <= 1)).all())
+        rh = att["retrieval_head"]
+        assert float(heads[rh["layer"], rh["head"]]) == pytest.approx(cond["retrieval_head_shares"]["user"])
     assert att["conditions"]["no_template"]["mean_shares"]["template"] < 0.05  # raw text has no template tokens
     rh = att["retrieval_head"]
     mass = torch.tensor(att["conditions"]["template"]["needle_mass"])

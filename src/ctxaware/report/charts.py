@@ -126,3 +126,33 @@ def user_share_per_layer(atts: dict[str, dict[str, Any]], role: str = "user") ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return to_uri(fig)
+
+
+def head_changes(att: dict[str, Any], title: str) -> str:
+    """Per (layer, head): the change of the user turn's share under the template (template − none), a diverging
+    map (blue: the head attends less to the user turn with the template), and the two distributions over heads."""
+    require("matplotlib", "report")
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    conds = att["conditions"]
+    t = np.array(conds["template"]["head_user_shares"], dtype=float)
+    n = np.array(conds["no_template"]["head_user_shares"], dtype=float)
+    d = t - n
+    fig = Figure(figsize=(10.5, 3.8))
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    lim = max(1e-6, float(np.abs(d).max()))
+    im = ax.imshow(d, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title("change of the user share under the template", fontsize=9)
+    fig.colorbar(im, ax=ax, label="template − no template")
+    bins = np.linspace(0, 1, 26)
+    bx.hist(n.ravel(), bins=bins, alpha=0.6, label="no template")
+    bx.hist(t.ravel(), bins=bins, alpha=0.6, label="template")
+    bx.set_xlabel("user share of one head")
+    bx.set_ylabel("heads")
+    bx.legend(fontsize=8)
+    bx.set_title(f"all {d.size} heads", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return to_uri(fig)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from . import charts, niah
 from .load import ModelResults
-from .verdict import Finding, attention_findings, qa_findings
+from .verdict import Finding, attention_findings, head_findings, qa_findings
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
@@ -46,7 +46,7 @@ def findings(m: ModelResults) -> list[Finding]:
     """Every verdict sentence of one model."""
     out = niah.task_findings(m.niah) if m.niah else []
     if m.attention:
-        out += attention_findings(m.attention)
+        out += attention_findings(m.attention) + head_findings(m.attention)
     if m.qa:
         out += qa_findings(m.qa)
     if m.multidoc:
@@ -142,6 +142,8 @@ def render_page(models: Sequence[ModelResults], generated: str) -> str:
             chans = list((next(iter(a["conditions"].values())).get("mean_shares") or {}))
             body += [f"<h3>{escape(m.model)}</h3>", _table(["condition"] + chans, rows, "attention"),
                      _img(charts.attention_roles(a, m.model), f"attention by role of {m.model}")]
+            if all("head_user_shares" in a["conditions"].get(c, {}) for c in ("template", "no_template")):
+                body.append(_img(charts.head_changes(a, m.model), f"user share per head of {m.model}"))
     if any(m.qa for m in models):
         body += ["<h2>Contextual QA</h2>", qa_table(models)]
     if any(m.multidoc for m in models):

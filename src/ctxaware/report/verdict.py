@@ -239,6 +239,29 @@ def attention_findings(att: dict[str, Any]) -> list[Finding]:
     return [Finding("attention", "; ".join(parts) + ".", nums)]
 
 
+def head_findings(att: dict[str, Any]) -> list[Finding]:
+    """The user turn's share over every layer and head, with vs without the template: the distribution (quartiles),
+    the share of heads whose user share falls, and the sign and Wilcoxon signed-rank tests across heads."""
+    import numpy as np
+
+    conds = att.get("conditions", {})
+    if not all("head_user_shares" in conds.get(c, {}) for c in ("template", "no_template")):
+        return []
+    t = np.array(conds["template"]["head_user_shares"], dtype=float).ravel()
+    n = np.array(conds["no_template"]["head_user_shares"], dtype=float).ravel()
+    d = t - n
+    sign, wil = stats.sign_test(d), stats.wilcoxon(d)
+    q = lambda x: " / ".join(f"{100 * v:.1f}" for v in np.quantile(x, [0.25, 0.5, 0.75]))  # noqa: E731
+    falls = int(np.sum(d < 0))
+    verdict = ("significant at the 5 % level" if wil.significant else f"no difference detected at n = {wil.n} heads")
+    text = (f"Over all {d.size} heads (every layer): the user turn's share, quartiles {q(t)} % with the template vs "
+            f"{q(n)} % without; it falls under the template in {falls} of {d.size} heads ({100 * falls / d.size:.0f} %, "
+            f"sign test p = {stats.format_p(sign.p)}), median change {100 * float(np.median(d)):+.2f} points "
+            f"(Wilcoxon signed-rank p = {stats.format_p(wil.p)}): {verdict}.")
+    return [Finding("attention-heads", text, {"heads": int(d.size), "falls": falls, "sign_test": sign.to_dict(),
+                                              "wilcoxon": wil.to_dict(), "median_change": float(np.median(d))})]
+
+
 def qa_findings(qa: dict[str, dict[str, Any]]) -> list[Finding]:
     """One sentence per QA dataset: the metric per variant with its standard error."""
     by_set: dict[str, list[str]] = {}

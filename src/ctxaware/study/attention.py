@@ -3,8 +3,10 @@
 The paper's Fig. 3: for the query that predicts the first answer token (the last token of the
 response prefix), the share of its attention on the first token (BOS / attention sink), the system
 message, the user turn, the template tokens and the assistant's prefix — per layer (averaged over
-heads and prompts) and on the *retrieval head*, the head with the highest attention mass on the
-needle's tokens (every needle of a multi-needle task; not its distractors) under the template.
+heads and prompts), per head (``head_user_shares``: the user turn's share of every layer's every head,
+mean over prompts, for the test across heads in the report) and on the *retrieval head*, the head with
+the highest attention mass on the needle's tokens (every needle of a multi-needle task; not its
+distractors) under the template.
 Masses come from :func:`ctxaware.measure.observe_mass` (one value channel per key set, no ``T × T``
 matrix). The result is one JSON file, written atomically;
 a rerun with the same settings reads it back instead of measuring again.
@@ -97,7 +99,9 @@ def attention_by_role(model: Any, tokenizer: Any, haystack: Any, needle: Any, le
         per_layer = roles.mean(dim=1)
         per_layer = per_layer / per_layer.sum(-1, keepdim=True).clamp_min(1e-30)
         rh = roles[layer, head] / roles[layer, head].sum().clamp_min(1e-30)
+        per_head = roles[..., CHANNELS.index("user")] / roles.sum(-1).clamp_min(1e-30)  # (L, H), every head
         out["conditions"][cond] = {
+            "head_user_shares": per_head.tolist(),
             "tokens": tokens[cond],
             "shares": {ch: per_layer[:, i].tolist() for i, ch in enumerate(CHANNELS)},
             "retrieval_head_shares": {ch: float(rh[i]) for i, ch in enumerate(CHANNELS)},
