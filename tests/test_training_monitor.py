@@ -104,6 +104,7 @@ def test_resumed_run_neither_probes_nor_appends_a_step_twice(tmp_path):
     assert path.read_text() == first
     # steps 0 and 2 come back with the checkpoint's trainer state, step 4 is re-logged from the file: each once
     assert [h["step"] for h in again.trainer.state.log_history if "context/template_gap" in h] == [0, 2, 4]
+    assert [h["step"] for h in cb._trail] == [2, 4]  # the stopping rule also counts the probe before the resume
     other = _setup(tmp_path, method="full", save_steps=2, save_total_limit=None)  # another probe: its own records
     ContextAwarenessCallback(every=4, at_start=False, **{**PROBE, "depths": "50"}).attach(other.trainer)
     other.trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
@@ -127,11 +128,13 @@ def test_stopping_rule_counts_consecutive_probes_only():
 
     cb = ContextAwarenessCallback(stop_gap=0.2, stop_patience=2)
     control = Control()
-    for step, gap in [(0, 0.9), (1, 0.3), (2, 0.1), (3, 0.25)]:  # step 0 (before training) never counts
-        cb.history.append({"step": step, "context/template_gap": gap})
+    for step, gap in [(1, 0.3), (2, 0.1), (3, 0.25)]:
+        cb._trail.append({"step": step, "context/template_gap": gap})
         cb._maybe_stop(step, {"context/template_gap": gap}, control)
         assert not control.should_training_stop
-    cb.history.append({"step": 4, "context/template_gap": 0.21})
+    cb._maybe_stop(0, {"context/template_gap": 0.9}, control)  # step 0 (before training) never stops
+    assert not control.should_training_stop
+    cb._trail.append({"step": 4, "context/template_gap": 0.21})
     cb._maybe_stop(4, {"context/template_gap": 0.21}, control)
     assert control.should_training_stop and control.should_save and cb.stopped_at == 4
 

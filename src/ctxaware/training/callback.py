@@ -134,7 +134,8 @@ class ContextAwarenessCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.trainer = trainer
         self.records: dict[str, dict[str, Any]] = {}  # key -> record, this run's and a resumed run's
-        self.history: list[dict[str, Any]] = []  # (step, metrics) of each probe, in order
+        self.history: list[dict[str, Any]] = []  # step and metrics of each probe of this run, in order
+        self._trail: list[dict[str, Any]] = []  # the same from step 1 on, a resumed run's earlier probes first
         self.stopped_at: int | None = None
         self.seconds = 0.0  # wall time spent probing in this process (the cost of monitoring)
         self._probe: ContextProbe | None = None
@@ -197,6 +198,9 @@ class ContextAwarenessCallback(TrainerCallback):
             for rec in read_jsonl(self._path, repair=state.is_world_process_zero, what="monitor file"):
                 if rec.get("identity") == self._ident.digest:
                     self.records.setdefault(rec["key"], rec)
+        # the stopping rule counts consecutive probes across a resume: the stored ones up to the resumed step
+        self._trail = [{"step": r["step"], **r["metrics"]} for r in sorted(self.records.values(), key=lambda r: r["step"])
+                       if 0 < r["step"] <= state.global_step]
         if self.config.at_start and state.global_step == 0:
             self._probe_step(args, state, control, model)
         return control
@@ -257,6 +261,8 @@ class ContextAwarenessCallback(TrainerCallback):
                 append_jsonl(self._path, record)
         metrics = dict(record["metrics"])
         self.history.append({"step": step, **metrics})
+        if step > 0:
+            self._trail.append({"step": step, **metrics})
         self._log(state, control, metrics)
         self._maybe_stop(step, metrics, control)
 
@@ -275,7 +281,7 @@ class ContextAwarenessCallback(TrainerCallback):
         if cfg.stop_gap is None or GAP not in metrics or step == 0:
             return
         run = 0
-        for h in reversed([h for h in self.history if h["step"] > 0]):
+        for h in reversed(self._trail):
             if h.get(GAP, float("-inf")) > cfg.stop_gap:
                 run += 1
             else:
@@ -288,10 +294,4 @@ class ContextAwarenessCallback(TrainerCallback):
             control.should_save = True
 
 
-def monitor_callback(tokenizer: Any = None, **options: Any) -> ContextAwarenessCallback:
-    """A :class:`ContextAwarenessCallback` from :class:`~.probe.MonitorConfig` options."""
-    return ContextAwarenessCallback(tokenizer, MonitorConfig(**options))
-
-
-__all__ = ["ContextAwarenessCallback", "MonitorConfig", "inner_model", "monitor_callback",
-           "preserved_training_state"]
+__all__ = ["ContextAwarenessCallback", "MonitorConfig", "inner_model", "preserved_training_state"]
