@@ -70,14 +70,23 @@ def _wait(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
     raise SystemExit(f"server did not start in {timeout:.0f} s:\n" + log.read_text()[-3000:])
 
 
-def start_vllm(model_dir: str, dtype: str, eager: bool, max_len: int, tmp: Path) -> tuple[subprocess.Popen, str]:
+def threads_env(threads: int | None) -> dict[str, str]:
+    """The same CPU threads for every side: torch's OpenMP threads, and vLLM's CPU worker bound to that many
+    cores (on a shared machine, OpenMP threads left unbound spin against each other and other jobs)."""
+    if not threads:
+        return {}
+    return {"OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+
+
+def start_vllm(model_dir: str, dtype: str, eager: bool, max_len: int, tmp: Path,
+               threads: int | None) -> tuple[subprocess.Popen, str]:
     """vLLM's OpenAI server with ctxaware's middleware, in its own process group (killed whole at the end)."""
     port = _port()
     log = tmp / "vllm-server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name",
            "m", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_len),
            "--middleware", "ctxaware.vllm.server.CtxawareMiddleware", *(["--enforce-eager"] if eager else [])]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **threads_env(threads)}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -101,10 +110,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_ctxaware(model: str, dtype: str, clients: int) -> tuple[subprocess.Popen, str]:
+def start_ctxaware(model: str, dtype: str, clients: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     from serve_load import start_server
 
-    return start_server(model, dtype, clients, None)
+    return start_server(model, dtype, clients, threads)
 
 
 def conversations(count: int, tag: str) -> list[list[dict]]:
@@ -169,7 +178,7 @@ def niah(engine: str, model: str, args: argparse.Namespace, out: Path) -> dict:
     if engine == "vllm":
         opts = {"max_model_len": args.max_model_len, **({"enforce_eager": True} if args.eager else {})}
         cmd += ["--vllm-options", json.dumps(opts)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **threads_env(args.threads)}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True)
@@ -197,6 +206,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096, help="vLLM's max_model_len (default: 4096)")
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                    help="vLLM --enforce-eager (default: on; torch.compile costs minutes at start on a CPU)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of every side (torch OpenMP threads; vLLM's "
+                   "worker bound to cores 0..N-1); 0 = each engine's own choice (default: 1, for a shared machine)")
     p.add_argument("--niah-lengths", default="1000,2000", help="NIH lengths (default: 1000,2000)")
     p.add_argument("--niah-depths", default="0,50,100", help="NIH depths (default: 0,50,100)")
     p.add_argument("--niah-modes", default="chat,chat+prefix,chat+steer", help="NIH modes")
@@ -216,21 +227,22 @@ def main() -> None:
     model = args.model or embedded_model_dir()
     clients = [int(c) for c in args.clients.split(",")]
     load0 = os.getloadavg()
-    print(f"vLLM {vllm.__version__}; model {model}; dtype {args.dtype}; {os.cpu_count()} CPUs; "
+    print(f"vLLM {vllm.__version__}; model {model}; dtype {args.dtype}; {os.cpu_count()} CPUs, "
+          f"{args.threads or 'default'} thread(s) per side; "
           f"load average {load0[0]:.1f} {load0[1]:.1f} {load0[2]:.1f}", flush=True)
     result: dict = {"load_before": load0, "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="vllm-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_serve:
             print("vllm serve + ctxaware plugin:", flush=True)
-            proc, url = start_vllm(model, args.dtype, args.eager, args.max_model_len, tmp)
+            proc, url = start_vllm(model, args.dtype, args.eager, args.max_model_len, tmp, args.threads)
             try:
                 rows = throughput(url, "vllm serve + plugin", clients, args.requests, args.max_tokens, args.alpha)
             finally:
                 stop(proc)
             if not args.skip_ctxaware_serve:
                 print("ctxaware serve:", flush=True)
-                proc, url = start_ctxaware(model, args.dtype, max(clients))
+                proc, url = start_ctxaware(model, args.dtype, max(clients), args.threads)
                 try:
                     rows += throughput(url, "ctxaware serve", clients, args.requests, args.max_tokens, args.alpha)
                 finally:

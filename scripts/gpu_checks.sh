@@ -26,7 +26,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 # `bash scripts/gpu_checks.sh --vllm [args]` runs that benchmark instead of gpu_steering.py, in the same budget.
 if [ "${1:-}" = "--vllm" ]; then
   shift
-  timeout 235 "$PY" benchmarks/vllm_steering.py --dtype bfloat16 --no-eager --max-model-len 8192 \
+  timeout 235 "$PY" benchmarks/vllm_steering.py --dtype bfloat16 --no-eager --threads 0 --max-model-len 8192 \
       --niah-lengths 2000,6000 --json "$OUT/vllm_steering.json" "$@" 2>&1 | tee "$OUT/vllm_steering.log" | tail -40
   rc=${PIPESTATUS[0]}
   echo "vllm_steering.py exit status $rc (124: killed at 235 s)"
