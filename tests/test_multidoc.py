@@ -145,6 +145,16 @@ def test_run_resume_shards_and_scores_recomputed(tmp_path, tiny):
     assert merged.new == 0
     strip = lambda rs: [{k: v for k, v in r.items()} for r in rs]  # noqa: E731
     assert strip(merged.records) == strip(full.records)
+    # the report reads a multidoc directory: its table, chart and findings (not mistaken for NIH cells)
+    from ctxaware.report import build_report, load_results
+    from ctxaware.report.html import findings
+
+    page = build_report([full.out], tmp_path / "r.html").read_text()
+    assert "Multi-document QA by gold position" in page and "accuracy by gold position of tiny" in page
+    (m,) = load_results([full.out])
+    assert not m.niah and len(m.multidoc) == 24
+    kinds = {f.kind for f in findings(m)}
+    assert {"multidoc-curve", "multidoc-template", "multidoc-steering", "multidoc-docs-vs-turn"} <= kinds
 
 
 def test_report_findings_recomputed(tmp_path):
