@@ -187,6 +187,22 @@ def test_calibrate_writes_file_table_and_never_picks_a_guard_failure(tiny, tmp_p
     assert [r["candidate"] for r in table] == [c.name for c in cands]
     data = json.loads((tmp_path / "cal" / "search.json").read_text())
     assert len(data["head_scores"]) == 3 and len(data["head_scores"][0]) == 4
+    # per held-in cell outcomes of baseline and winner, and the report's paired test on them
+    from ctxaware.niah.needles import load_needle
+    from ctxaware.niah.scoring import recall
+    from ctxaware.report import load_results
+    from ctxaware.report.html import findings
+    from ctxaware.stats import binom_test_half
+
+    rows = {r["candidate"]: r for r in data["rows"]}
+    for c in (cands[0], chosen):
+        assert rows[c.name]["heldin_found"] == [int(recall(a, load_needle("SF").keywords) >= 1) for a in c.answers]
+    if chosen is not cands[0]:
+        (m,) = load_results([tmp_path / "cal"])
+        (f,) = [f for f in findings(m) if f.kind == "calibration"]
+        a, b = rows[chosen.name]["heldin_found"], rows["unsteered"]["heldin_found"]
+        up, down = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+        assert f.numbers["test"]["p"] == pytest.approx(binom_test_half(up, up + down))
 
 
 def test_choose_by_recall_prefers_recall_then_loss_then_gentler_steering():

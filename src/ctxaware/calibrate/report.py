@@ -19,7 +19,7 @@ from ..fsio import atomic_savefig, atomic_write, atomic_write_json
 def write_table(out: Path, cands: Sequence[Any], scores: Any) -> None:
     """Write ``search.csv`` and ``search.json`` into ``out``, each atomically (temp file + fsync + rename)."""
     rows = [c.row() for c in cands]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))  # per-cell: JSON
     with atomic_write(out / "search.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols)
         writer.writeheader()

@@ -54,6 +54,7 @@ class Candidate:
     cells_perfect: int | None = None
     needle_loss: float | None = None
     answers: list[str] = field(default_factory=list)
+    found: list[int] = field(default_factory=list)  # per held-in cell: 1 when the answer has recall 1
 
     @property
     def config(self) -> SteeringConfig:
@@ -85,6 +86,8 @@ class Candidate:
                "alpha": self.alpha if self.rule == "alpha" else None, "share": self.share, "n_heads": self.n_heads,
                "guard_passed": g.get("passed"), "heldin_recall": self.recall, "heldin_perfect": self.cells_perfect,
                "heldin_needle_loss": self.needle_loss}
+        if self.found:  # per held-in cell, for the paired test of the report
+            out["heldin_found"] = list(self.found)
         for name in ("instructions", "qa"):
             if name in g:
                 out[f"{name}_loss"] = g[name]["loss"]
@@ -152,6 +155,7 @@ def _cached_answer(cache: StepCache, key: dict, cfg: CalibrationConfig, model: A
         scores = [recall(a, needle.keywords) for a in cand.answers]
         cand.recall = sum(scores) / len(scores)
         cand.cells_perfect = sum(1 for s in scores if s >= 1.0)
+        cand.found = [int(s >= 1.0) for s in scores]
 
 
 def _answer(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate, cells: list[dict],
@@ -168,6 +172,7 @@ def _answer(cfg: CalibrationConfig, model: Any, tokenizer: Any, cand: Candidate,
     scores = [recall(a, needle.keywords) for a in cand.answers]
     cand.recall = sum(scores) / len(scores)
     cand.cells_perfect = sum(1 for s in scores if s >= 1.0)
+    cand.found = [int(s >= 1.0) for s in scores]
 
 
 def recall_shortlist(cands: list[Candidate], top: int) -> list[Candidate]:

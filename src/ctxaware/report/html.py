@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from . import charts, niah
 from .load import ModelResults
-from .verdict import Finding, attention_findings, head_findings, qa_findings
+from .verdict import Finding, attention_findings, calibration_findings, head_findings, qa_findings
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
@@ -49,6 +49,8 @@ def findings(m: ModelResults) -> list[Finding]:
         out += attention_findings(m.attention) + head_findings(m.attention)
     if m.qa:
         out += qa_findings(m.qa)
+    if m.calibration:
+        out += calibration_findings(m.calibration)
     if m.multidoc:
         from .multidoc import multidoc_findings
 

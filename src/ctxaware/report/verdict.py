@@ -262,6 +262,26 @@ def head_findings(att: dict[str, Any]) -> list[Finding]:
                                               "wilcoxon": wil.to_dict(), "median_change": float(np.median(d))})]
 
 
+def calibration_findings(cal: dict[str, Any]) -> list[Finding]:
+    """The chosen steering vs the unsteered model on the held-in cells: exact McNemar on found/lost (paired by
+    cell), when the search recorded both candidates' per-cell outcomes."""
+    rows = cal.get("rows") or (cal.get("meta") or {}).get("search") or []
+    chosen = (cal.get("meta") or {}).get("chosen")
+    base = rows[0] if rows else None
+    pick = next((r for r in rows if r.get("candidate") == chosen), None)
+    if not base or not pick or pick is base or not base.get("heldin_found") or not pick.get("heldin_found") \
+            or len(base["heldin_found"]) != len(pick["heldin_found"]):
+        return []
+    t = stats.mcnemar(pick["heldin_found"], base["heldin_found"])
+    n = t.n
+    verdict = "significant at the 5 % level" if t.significant else f"no difference detected at n = {n}"
+    return [Finding("calibration", f"Calibration: the chosen steering ({chosen}) finds the needle in "
+                    f"{sum(pick['heldin_found'])} of {n} held-in cells, unsteered ({base['candidate']}) in "
+                    f"{sum(base['heldin_found'])}: {t.describe('of the cells')}: {verdict}; {mde_phrase(n)}. "
+                    "The held-in cells chose the candidate, so this difference is optimistic; the study's held-out "
+                    "grid is the test.", {"chosen": chosen, "baseline": base["candidate"], "test": t.to_dict()})]
+
+
 def qa_findings(qa: dict[str, dict[str, Any]]) -> list[Finding]:
     """One sentence per QA dataset: the metric per variant with its standard error."""
     by_set: dict[str, list[str]] = {}
