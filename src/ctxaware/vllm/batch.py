@@ -14,9 +14,10 @@ active in this vLLM, are refused there (HTTP 400), never applied silently.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ class RequestSteering:
     coef: torch.Tensor
     down: torch.Tensor
     layers: frozenset[int]
+    serial: int = field(default_factory=itertools.count().__next__)  # unique per admission into the batch
 
 
 def current_batch() -> dict[int, RequestSteering]:

@@ -10,7 +10,8 @@ bias from the layer's paged K/V (:mod:`.paged`, :mod:`.steered`):
 * unsteered requests: vLLM's output, untouched (no steered request in the batch: zero extra work);
 * prefill, chunked prefill and prefix-cached prompts: the query rows of this step attend to every
   cached key of the request (``seq_len`` keys, positions from ``seq_len − query_len``);
-* decoding: all steered requests of the step in one padded computation per layer;
+* decoding: all steered requests of the step in one padded computation per layer, their logical K/V
+  kept per layer across steps while the group is unchanged (one appended row per step);
 * GQA, sliding-window layers and softcap as the native kernel; alibi, attention sinks, fp8 KV
   caches and encoder attention cannot be steered and raise.
 
@@ -20,6 +21,7 @@ The per-step plan (which rows, which blocks) is built once per forward pass and 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -33,6 +35,11 @@ from .steered import steered_attention
 logger = logging.getLogger(__name__)
 _PLAN: dict[str, Any] = {"meta": None, "version": -1, "groups": None}
 DECODE_ROWS = 1  # requests with at most this many query rows in the step are batched together
+# Decoding: per layer, the logical K/V of the steered decode group, kept across steps while the group
+# stays the same (one new row per request and step instead of re-reading every block); bounded here.
+_DECODE: dict[int, dict[str, Any]] = {}
+DECODE_CACHE_MB = float(os.environ.get("CTXAWARE_VLLM_DECODE_CACHE_MB", "2048"))
+HEADROOM = 64  # tokens of room added when a decode buffer is (re)built
 
 
 def _tp_rank() -> int:
@@ -69,7 +76,8 @@ def _groups(meta: Any, steered: dict[int, B.RequestSteering]) -> list[dict[str, 
             down[j, :p] = st.down[:p]
         groups.append({"index": torch.tensor([r[0] for r in unit]), "tok": tok, "valid": valid, "pos": pos,
                        "kv_len": torch.tensor([r[3] for r in unit]), "smax": smax, "down": down,
-                       "steer": [r[4] for r in unit]})
+                       "steer": [r[4] for r in unit], "decode": qmax == 1,
+                       "serials": tuple(r[4].serial for r in unit)})
     return groups
 
 
@@ -90,11 +98,13 @@ class SteeredCPUAttentionImpl(CPUAttentionBackendImpl):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                  output_block_scale)
         if attn_metadata is None or not B.current_batch() or self.attn_type != AttentionType.DECODER:
+            if not B.current_batch():
+                _DECODE.clear()
             return output
         layer_index = self._layer_index(layer)
         groups = [g for g in _plan(attn_metadata) if any(layer_index in st.layers for st in g["steer"])]
         if groups:
-            self._steer(layer, layer_index, query, kv_cache, attn_metadata, output, groups)
+            self._steer(layer, layer_index, query, key, value, kv_cache, attn_metadata, output, groups)
         return output
 
     def _layer_index(self, layer: Any) -> int:
@@ -112,23 +122,50 @@ class SteeredCPUAttentionImpl(CPUAttentionBackendImpl):
             raise RuntimeError(f"ctxaware: this layer uses {what}, which the steered path does not implement; "
                                "send this model's requests unsteered")
 
-    def _steer(self, layer: Any, layer_index: int, query: torch.Tensor, kv_cache: torch.Tensor, meta: Any,
-               output: torch.Tensor, groups: list[dict[str, Any]]) -> None:
-        self._refuse()
+    def _kv(self, layer: Any, layer_index: int, key: Any, value: Any, kv_cache: torch.Tensor, meta: Any,
+            g: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical (R, Hkv, S', D) K/V of a group (S' ≥ its longest request; keys past kv_len are masked)."""
         num_blocks, hkv, block_size, _ = kv_cache.shape
         d = self.head_size
+        buf = _DECODE.get(layer_index) if g["decode"] else None
+        if (buf is not None and key is not None and buf["serials"] == g["serials"] and buf["cap"] >= g["smax"]
+                and torch.equal(buf["len"], g["kv_len"] - 1)):
+            rows, at = g["tok"][:, 0], g["kv_len"] - 1  # this step's token of each request, its position
+            ar = torch.arange(len(rows))
+            buf["k"][ar, :, at] = key.view(key.shape[0], hkv, d)[rows].to(buf["k"].dtype)
+            buf["v"][ar, :, at] = value.view(value.shape[0], hkv, -1)[rows].to(buf["v"].dtype)
+            buf["len"] = g["kv_len"].clone()
+            return buf["k"], buf["v"]
         halves = kv_cache.view(num_blocks, hkv, block_size * 2, d).chunk(2, dim=2)
         k_index, v_index = block_layout(layer.isa, block_size, d, kv_cache.dtype)
+        nb = -(-g["smax"] // block_size)
+        table = meta.block_table[g["index"], :nb].long()
+        k = gather(halves[0], k_index, table, g["smax"])
+        v = gather(halves[1], v_index, table, g["smax"])
+        if g["decode"]:
+            cap = g["smax"] + HEADROOM
+            layers = max(1, g["steer"][0].coef.shape[0])
+            if k.element_size() * k.shape[0] * hkv * cap * d * 2 * layers <= DECODE_CACHE_MB * 2 ** 20:
+                pad = (0, 0, 0, cap - g["smax"])
+                k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+                _DECODE[layer_index] = {"serials": g["serials"], "cap": cap, "len": g["kv_len"].clone(),
+                                        "k": k, "v": v}
+        return k, v
+
+    def _steer(self, layer: Any, layer_index: int, query: torch.Tensor, key: Any, value: Any,
+               kv_cache: torch.Tensor, meta: Any, output: torch.Tensor, groups: list[dict[str, Any]]) -> None:
+        self._refuse()
+        d = self.head_size
         h0 = _tp_rank() * self.num_heads
         out = output.view(output.shape[0], self.num_heads, d)
         for g in groups:
-            nb = -(-g["smax"] // block_size)
-            table = meta.block_table[g["index"], :nb].long()
-            k = gather(halves[0], k_index, table, g["smax"])
-            v = gather(halves[1], v_index, table, g["smax"])
+            k, v = self._kv(layer, layer_index, key, value, kv_cache, meta, g)
+            down = g["down"]
+            if k.shape[2] > down.shape[1]:
+                down = torch.nn.functional.pad(down, (0, k.shape[2] - down.shape[1]))
             q = query[g["tok"]].view(*g["tok"].shape, self.num_heads, d)
             coef = torch.stack([st.coef[layer_index, h0:h0 + self.num_heads] for st in g["steer"]])
-            rows = steered_attention(q, k, v, q_pos=g["pos"], kv_len=g["kv_len"], coef=coef, down=g["down"],
+            rows = steered_attention(q, k, v, q_pos=g["pos"], kv_len=g["kv_len"], coef=coef, down=down,
                                      scale=self.scale, softcap=float(self.logits_soft_cap or 0.0),
                                      window=self.sliding_window)
             here = torch.tensor([layer_index in st.layers for st in g["steer"]])

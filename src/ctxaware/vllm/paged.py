@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 BASE = 16
+TRANSPOSED = "transposed"  # the block is stored as (head_size, block_size): read back as a strided view
 
 
 @functools.lru_cache(maxsize=None)
 def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) -> tuple[Any, Any]:
-    """``(k_index, v_index)``: for logical flat position ``t * head_size + c`` of one block of one
-    KV head, the flat position where the CPU kernel stores it (``None`` when it is the identity)."""
+    """``(k_layout, v_layout)`` of one block of one KV head: ``None`` (stored as ``(block, head)``),
+    :data:`TRANSPOSED` (stored as ``(head, block)``) or, for any other layout, an index giving for
+    logical flat position ``t * head_size + c`` the flat position where the CPU kernel stores it."""
     from vllm import _custom_ops as ops
 
     n = block_size * head_size
@@ -41,19 +43,25 @@ def block_layout(isa: str, block_size: int, head_size: int, dtype: torch.dtype) 
                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         where_k += (kc.reshape(n).float().round().long() - 1) * BASE ** i
         where_v += (vc.reshape(n).float().round().long() - 1) * BASE ** i
-    out = []
+    out: list[Any] = []
+    transposed = torch.arange(n).view(block_size, head_size).t().reshape(n)  # block stored as (D, bs)
     for where in (where_k, where_v):
         # where[p] = logical index stored at physical p  ->  index[l] = physical position of logical l
         if sorted(where.tolist()) != list(range(n)):
             raise RuntimeError(f"could not measure the CPU KV-cache layout for isa={isa} block={block_size} "
                                f"head={head_size} {dtype}: the steered path cannot read this cache")
-        index = torch.empty(n, dtype=torch.long)
-        index[where] = torch.arange(n)
-        out.append(None if torch.equal(index, torch.arange(n)) else index)
+        if torch.equal(where, torch.arange(n)):
+            out.append(None)
+        elif torch.equal(where, transposed):
+            out.append(TRANSPOSED)
+        else:
+            index = torch.empty(n, dtype=torch.long)
+            index[where] = torch.arange(n)
+            out.append(index)
     return out[0], out[1]
 
 
-def gather(cache: torch.Tensor, index: torch.Tensor | None, block_table: torch.Tensor, length: int) -> torch.Tensor:
+def gather(cache: torch.Tensor, index: Any, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """Logical ``(R, Hkv, length, D)`` keys or values of ``R`` requests.
 
     ``cache``: one half of the layer's cache, ``(num_blocks, Hkv, block_size, D)`` (a view);
@@ -61,7 +69,9 @@ def gather(cache: torch.Tensor, index: torch.Tensor | None, block_table: torch.T
     nb, hkv, bs, d = cache.shape
     blocks = cache[block_table]  # (R, n, Hkv, bs, D) copy of just these blocks
     r, n = block_table.shape
-    if index is not None:
+    if isinstance(index, str):  # TRANSPOSED: each block holds (D, bs)
+        blocks = blocks.reshape(r, n, hkv, d, bs).transpose(-1, -2)
+    elif index is not None:
         blocks = blocks.reshape(r, n, hkv, bs * d)[..., index]
     blocks = blocks.reshape(r, n, hkv, bs, d).permute(0, 2, 1, 3, 4).reshape(r, hkv, n * bs, d)
     return blocks[:, :, :length]

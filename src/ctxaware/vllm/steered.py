@@ -48,8 +48,9 @@ def steered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     step = max(1, SCORE_BUDGET // max(1, r * hq * s))
     for a in range(0, q, step):
         b = min(q, a + step)
-        qc = query[:, a:b].to(work).permute(0, 2, 1, 3).reshape(r, hkv, g, b - a, d)
-        scores = torch.matmul(qc, k[:, :, None].transpose(-1, -2)) * scale  # (R, Hkv, G, Qc, S)
+        # (R, Hkv, G·Qc, D) @ (R, Hkv, D, S): the query heads of a KV head share one matmul, K is not repeated
+        qc = query[:, a:b].to(work).permute(0, 2, 1, 3).reshape(r, hkv, g * (b - a), d)
+        scores = torch.matmul(qc, k.transpose(-1, -2)).view(r, hkv, g, b - a, s) * scale
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         scores = scores + bias
@@ -59,6 +60,6 @@ def steered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             allowed = allowed & (pos[:, :, None] - keys[None, None, :] < window)
         scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked padding rows -> 0
-        o = torch.matmul(probs, v[:, :, None])  # (R, Hkv, G, Qc, Dv)
+        o = torch.matmul(probs.view(r, hkv, g * (b - a), s), v)  # (R, Hkv, G·Qc, Dv)
         out[:, a:b] = o.reshape(r, hq, b - a, -1).permute(0, 2, 1, 3)
     return out.to(query.dtype)
