@@ -210,3 +210,24 @@ def test_squad_metrics_by_hand():
     # pred {denver, broncos, won} vs gold {denver, broncos}: precision 2/3, recall 1 -> F1 0.8
     assert f1("the Denver Broncos won", ["Denver Broncos", "Carolina"]) == pytest.approx(0.8)
     assert f1("nothing", ["Denver Broncos"]) == 0.0
+
+
+def test_study_runs_multidoc_part(tmp_path, tiny):
+    """``ctxaware study --multidoc DATA``: DIR/multidoc with the study's modes and steering, in study.json's commands
+    and read back by the report with the study."""
+    from ctxaware.report import load_results
+    from ctxaware.study import StudyConfig, run_study
+
+    model, tok = tiny
+    data = write_squad(tmp_path / "s.json")
+    cfg = StudyConfig(out=str(tmp_path / "st"), lengths="200", depths="50", max_new_tokens=2, attention_length=200,
+                      attention_depths="50", alpha=0.5, progress=False, phrasings="0", multidoc=str(data),
+                      multidoc_questions=2, multidoc_k="1", report=False)
+    assert cfg.multidoc_config().alpha == 0.5 and "chat+prefix+steer-docs" in cfg.multidoc_config().modes
+    run_study(cfg, model=model, tokenizer=tok, model_name="tiny")
+    recs = [json.loads(x) for x in (tmp_path / "st" / "multidoc" / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 2 * 5 and {r["mode"] for r in recs} == set(cfg.multidoc_config().modes)
+    study = json.loads((tmp_path / "st" / "study.json").read_text())
+    assert "ctxaware multidoc" in study["commands"]["multidoc"] and "--k 1" in study["commands"]["multidoc"]
+    (m,) = load_results([tmp_path / "st"])
+    assert len(m.multidoc) == 20 and m.niah

@@ -66,6 +66,12 @@ class StudyConfig(ConfigMixin):
     qa: Any = field(None, metavar="SETS", help="contextual QA datasets to evaluate: squad,quac,drop (default: none)")
     qa_limit: int = field(50, help="questions per QA dataset and variant")
     data_dir: str | None = field(None, metavar="DIR", help="local QA data folder (see docs/eval.md)")
+    multidoc: str | None = field(None, metavar="PATH",
+                                 help="SQuAD-format data for multi-document QA by gold position (ctxaware multidoc) "
+                                      "into DIR/multidoc, in raw+prefix, chat+prefix, chat and the study's steering "
+                                      "(whole turn and documents only) (default: none)")
+    multidoc_questions: int = field(20, help="multi-document QA questions")
+    multidoc_k: str = field("4", metavar="K1,K2,...", help="multi-document QA distractors per prompt")
     mtbench_judge_url: str | None = field(None, metavar="URL",
                                           help="run MT-Bench into DIR/mtbench, judged by this OpenAI-compatible "
                                                "endpoint: plain chat, and steered too when the study steers "
@@ -111,6 +117,8 @@ class StudyConfig(ConfigMixin):
         if not self.steering and (Path(self.out) / "steering.yaml").is_file():
             self.steering = str(Path(self.out) / "steering.yaml")  # ctxaware calibrate --out DIR wrote one
         self.task = _task_list(self.task)
+        if self.multidoc:
+            self.multidoc_config()  # validates k, questions before anything runs
         if self.target_effect is not None:
             self._size_grid()
         from ..niah.needles import load_needle
@@ -160,6 +168,17 @@ class StudyConfig(ConfigMixin):
             for i in self.phrasing_indices(spec):
                 out[spec if i == 0 else f"{spec}@q{i}"] = self.niah_config(task if i == 0 else f"{spec}@q{i}")
         return out
+
+    def multidoc_config(self) -> Any:
+        """The multi-document QA part (``DIR/multidoc``): the study's model, dtype, steering and budget."""
+        from ..multidoc import MultidocConfig
+        from ..multidoc.config import MODES
+
+        modes = [m for m in MODES.split(",") if "ind" not in m and ("steer" not in m or self.steered)]
+        steer = {"steering": self.steering} if self.steering else {"alpha": self.alpha, "heads": self.heads}
+        return MultidocConfig(data=self.multidoc, model=self.model, out=f"{self.out}/multidoc",
+                              questions=self.multidoc_questions, k=self.multidoc_k, modes=modes, dtype=self.dtype,
+                              device=self.device, progress=self.progress, overwrite=self.overwrite, **steer)
 
     def phrasing_indices(self, spec: str) -> list[int]:
         """The phrasings of needle/task ``spec`` this study runs (``phrasings``: all, or indices it has)."""

@@ -83,6 +83,12 @@ def commands(cfg: StudyConfig) -> dict[str, str]:
         mtbench.append(opt("out", f"{cfg.out}/mtbench"))
     out = {"study": " ".join(study), **niah_commands, **({"mtbench": " ".join(mtbench)} if mtbench else {}),
            "report": f"ctxaware report {shlex.quote(cfg.out)} --out {shlex.quote(cfg.out + '/report.html')}"}
+    if cfg.multidoc:
+        md = cfg.multidoc_config()
+        out["multidoc"] = " ".join(["ctxaware multidoc", *common, opt("data", md.data), opt("questions", md.questions),
+                                    opt("k", md.k), opt("modes", md.modes), opt("out", md.out)]
+                                   + ([opt("steering", md.steering)] if md.steering else
+                                      [opt("alpha", md.alpha), opt("heads", md.heads)]))
     if cfg.qa:
         tasks = ",".join(f"ctxaware_{d}_no_ind,ctxaware_{d}_no_template" for d in cfg.qa)
         out["qa"] = " ".join(["ctxaware eval", opt("model", cfg.model), opt("tasks", tasks),
@@ -191,6 +197,12 @@ def run_study(config: StudyConfig | None = None, *, model: Any = None, tokenizer
         qa = run_qa(model, tokenizer, model_name, cfg.qa, out / "qa", limit=cfg.qa_limit, data_dir=cfg.data_dir,
                     steering=steer, progress=cfg.progress, model_ref=cfg.model)
         seconds["qa"] = time.perf_counter() - t0
+    if cfg.multidoc:
+        from ..multidoc import run_multidoc
+
+        t0 = time.perf_counter()
+        run_multidoc(cfg.multidoc_config(), model=model, tokenizer=tokenizer, model_name=model_name)
+        seconds["multidoc"] = time.perf_counter() - t0
     if cfg.mtbench_judge_url and cfg.engine == "transformers":
         run_mtbench_part()
     write_json(out / STUDY_FILE, {**meta, "seconds": {k: round(v, 1) for k, v in seconds.items()}})
