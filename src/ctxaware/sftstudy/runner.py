@@ -147,9 +147,10 @@ def validate(cfg: SftStudyConfig) -> None:
             raise InputFileNotFoundError(f"{name.replace('_', '-')} {value!r} is not a directory")
     load_needle(cfg.needle)
     check_haystack(cfg.haystack)
+    for arm in ARMS:  # the cheap checks first
+        study_config(cfg, arm, str(Path(cfg.out) / arm / "model"))
     for arm in ARMS:
         arm_config(cfg, arm, Path(cfg.out) / "data" / "labelled.jsonl")
-        study_config(cfg, arm, str(Path(cfg.out) / arm / "model"))
 
 
 def _evaluate_arm(cfg: SftStudyConfig, arm: str, model_dir: str) -> dict[str, Any]:
