@@ -2,7 +2,8 @@
 
 Results go to ``DIR/results.jsonl`` through NIH's :class:`~ctxaware.niah.results.ResultStore` (appended,
 fsynced, resumable by key, shard files merged by a run without ``--shard``) and are answered by NIH's
-:class:`~ctxaware.niah.engine.GreedyEngine`. Each record's key ends with the digest of its
+:class:`~ctxaware.niah.engine.GreedyEngine`, whose batches are planned from the whole plan: a shard takes
+whole batches (``--shard i/n``: batches ``i, i + n, ...``), as NIH cells do. Each record's key ends with the digest of its
 :func:`ctxaware.identity.result_identity` (model content, dtype, device class, template, steering,
 indicator, decoding, batch settings, the prompt's digest and the item's mode/k/position/phrasing).
 A record holds the answer, its scores (SQuAD exact match and F1, "contains", on the short answer:
@@ -159,24 +160,29 @@ def run_multidoc(config: MultidocConfig | None = None, *, model: Any = None, tok
             ident = _identity(cfg, model, model_ref, steer, it, prompt)
             it.key = (f"{model_name}|{it.mode}|{it.question.id}|k={it.k}|p={it.position}|ph={it.phrasing}"
                       f"|id={ident.digest}")
-        mine = items[shard[0]::shard[1]]
-        todo = [it for it in mine if it.key not in store.done]
-        logger.info("%d of %d prompts to answer in %s", len(todo), len(mine), store.dir)
-        for it in todo:
+        for it in items:
             it.rendered = render_prompt(tokenizer, it.built, it.mode)
         engine = GreedyEngine(model, tokenizer, cfg.max_new_tokens, steer_config=steer, batch_size=cfg.batch_size)
-        jobs = [Job(it.rendered, steer=bool(parse_mode(it.mode)[1] & {"steer", "steer-docs"}), tag=it) for it in todo]
-        bar = tqdm(total=len(jobs), desc="multidoc", unit="prompt", disable=not cfg.progress or not jobs)
+        # the decoding batches of the WHOLE plan, as NIH's: a shard takes whole batches and a resumed run decodes
+        # unfinished batches whole, so an answer never depends on how the work was split (bf16 included)
+        batches = engine.plan([Job(it.rendered, steer=bool(parse_mode(it.mode)[1] & {"steer", "steer-docs"}), tag=it)
+                               for it in items])[shard[0]::shard[1]]
+        mine = [j.tag for b in batches for j in b]
+        todo = [it for it in mine if it.key not in store.done]
+        logger.info("%d of %d prompts to answer in %s", len(todo), len(mine), store.dir)
+        bar = tqdm(total=len(todo), desc="multidoc", unit="prompt", disable=not cfg.progress or not todo)
 
         def done(job: Any, answer: str) -> None:
+            if job.tag.key in store.done:  # answered before, decoded again only to keep its batch whole
+                return
             store.append([_record(job.tag, model_name, answer, job, steer_tag)], seconds={job.tag.key: job.seconds})
             bar.update(1)
 
         try:
-            engine.run(jobs, done)
+            engine.run_batches([b for b in batches if any(j.tag.key not in store.done for j in b)], done)
         finally:
             bar.close()
-        store.finalize([it.key for it in mine])
+        store.finalize([it.key for it in (mine if store.sharded else items)])  # plan order, however it was split
         records = [store.done[it.key] for it in (mine if store.sharded else items) if it.key in store.done]
     finally:
         getattr(store, "close", lambda: None)()  # the directory lock, where the store holds one
