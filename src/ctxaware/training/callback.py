@@ -138,6 +138,7 @@ class ContextAwarenessCallback(TrainerCallback):
         self._trail: list[dict[str, Any]] = []  # the same from step 1 on, a resumed run's earlier probes first
         self.stopped_at: int | None = None
         self.seconds = 0.0  # wall time spent probing in this process (the cost of monitoring)
+        self.cpu_seconds = 0.0  # CPU time of this process spent probing (all its threads; robust to a busy machine)
         self._probe: ContextProbe | None = None
         self._ident: Any = None
         self._path: Path | None = None
@@ -228,7 +229,7 @@ class ContextAwarenessCallback(TrainerCallback):
         step = int(state.global_step)
         self._last_step = step
         key = self._key(step)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         main = bool(state.is_world_process_zero)
         record = self.records.get(key) if main else None
         fresh, error = record is None, None
@@ -252,6 +253,7 @@ class ContextAwarenessCallback(TrainerCallback):
         if error:
             raise ConfigError(f"the context-awareness probe failed at step {step}: {error}")
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         if fresh:
             record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
             self.records[key] = record
