@@ -27,7 +27,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 if [ "${1:-}" = "--vllm" ]; then
   shift
   timeout 235 "$PY" benchmarks/vllm_steering.py --dtype bfloat16 --no-eager --threads 0 --max-model-len 8192 \
-      --niah-lengths 2000,6000 --json "$OUT/vllm_steering.json" "$@" 2>&1 | tee "$OUT/vllm_steering.log" | tail -40
+      --niah-lengths 2000,6000 --niah-modes chat,chat+prefix --json "$OUT/vllm_steering.json" "$@" 2>&1 | tee "$OUT/vllm_steering.log" | tail -40
   rc=${PIPESTATUS[0]}
   echo "vllm_steering.py exit status $rc (124: killed at 235 s)"
   exit $rc
