@@ -99,3 +99,30 @@ def test_sft_study_mtbench_score_is_one_judge(tmp_path):
     run = {"condition": "chat+dtype=float32", "judge": "b", "judge_url": "http://127.0.0.1:1/v1"}
     assert _mtbench(tmp_path / "vanilla", "vanilla", run) == {"value": 8.0, "se": 0.0, "n": 2}
     assert _mtbench(tmp_path / "vanilla", "vanilla")["n"] == 0  # no blend when nothing says which judge
+
+
+def test_mtbench_and_score_outputs_take_one_process_at_a_time(tmp_path):
+    """A second MT-Bench run or scorer into the same output (held by a live process) is refused in one line."""
+    from test_scoring_dataset import _rows
+
+    from ctxaware.errors import BusyError
+    from ctxaware.fsio import DirLock
+    from ctxaware.mtbench import MtBenchConfig, run_mtbench
+    from ctxaware.scoring import ScoringConfig, score_dataset
+    from ctxaware.scoring.io import write_rows
+
+    from mtbench_judge import FakeJudge, write_data
+
+    data = write_data(tmp_path / "mt")
+    out = tmp_path / "mtbench"
+    with FakeJudge() as judge, DirLock(out, "mtbench"):
+        with pytest.raises(BusyError, match="another run"):
+            run_mtbench(MtBenchConfig(data_dir=str(data), out=str(out), judge_base_url=judge.base_url,
+                                      judge_model="fake-judge", limit=1, progress=False))
+    assert not (out / "answers.jsonl").exists()
+    src = tmp_path / "in.jsonl"
+    write_rows(_rows(), src)
+    with DirLock(tmp_path, "score-s.jsonl"):
+        with pytest.raises(BusyError):
+            score_dataset(tiny_model(40), None, src, tmp_path / "s.jsonl", ScoringConfig(), progress=False)
+    assert not (tmp_path / "s.jsonl.partial.jsonl").exists()

@@ -303,7 +303,10 @@ def run_mtbench(config: MtBenchConfig | None = None, *, model: Any = None, token
     name = _model_name(cfg, model, model_name)
     identity = answer_identity(cfg, model, model_name, dtype, device)
     seconds: dict[str, float] = {}
-    with judge_client(cfg) as client:
+    from ..fsio import DirLock
+
+    # one process at a time per directory: a second one (another terminal, a retried job) is refused in one line
+    with DirLock(out, "mtbench"), judge_client(cfg) as client:
         judge_model = client.check()  # before loading or generating anything
         existing = {answer_key(a): a for a in _read(out / ANSWERS)}
         _check_answers(existing, questions, cfg, name, cname, out, identity)

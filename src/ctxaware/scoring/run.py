@@ -169,7 +169,10 @@ def score_dataset(model, tokenizer, source: str | Path, out: str | Path, config:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(mine), initial=summary.skipped, disable=not progress, desc="scoring", unit="row")
-    with JsonlAppender(partial) as fh:
+    from ..fsio import DirLock
+
+    # one process per output file: a second one is refused in one line rather than appending the same rows twice
+    with DirLock(out_path.parent, f"score-{out_path.name}"), JsonlAppender(partial) as fh:
         if old_meta is None:
             fh.write({"_meta": meta})
         for batch in _plan_batches(rows, mine, config.batch_size):
