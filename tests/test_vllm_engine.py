@@ -229,3 +229,19 @@ def test_study_runs_niah_on_vllm_and_attention_on_transformers(model_dir, tmp_pa
     assert len(run.niah.records) == 4 and run.attention and run.attention.get("settings")
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert "--engine vllm" in study["commands"]["niah"]
+
+
+def test_sft_study_evaluates_an_arm_on_vllm(model_dir, tmp_path):
+    """sft-study's evaluation of one arm with --engine vllm: NIH through vLLM (no transformers model loaded for it),
+    attention on transformers after vLLM is shut down."""
+    from ctxaware.sftstudy import SftStudyConfig
+    from ctxaware.sftstudy.runner import _evaluate_arm
+    from ctxaware.vllm import generate
+
+    cfg = SftStudyConfig(out=str(tmp_path / "sft"), lengths="300", depths="0", modes="chat", max_new_tokens=4,
+                         attention_length=300, attention_depths="50", dtype="float32", device="cpu", progress=False,
+                         engine="vllm", vllm_options=VLLM_OPTIONS)
+    record = _evaluate_arm(cfg, "conditional", model_dir)
+    assert record["niah_cells"] == 2 and record["modes"] == ["chat+ind", "chat"]
+    assert not generate._LLMS  # vLLM released for the next arm
+    assert (tmp_path / "sft" / "conditional" / "attention" / "attention.json").is_file()
