@@ -231,3 +231,19 @@ def test_study_runs_multidoc_part(tmp_path, tiny):
     assert "ctxaware multidoc" in study["commands"]["multidoc"] and "--k 1" in study["commands"]["multidoc"]
     (m,) = load_results([tmp_path / "st"])
     assert len(m.multidoc) == 20 and m.niah
+
+
+def test_report_shows_the_last_plan_only(tmp_path, tiny):
+    """A directory that kept answers of an earlier, larger plan: the report shows the last run's plan."""
+    from ctxaware.report import load_results
+
+    model, tok = tiny
+    data = write_squad(tmp_path / "s.json")
+    base = dict(data=str(data), out=str(tmp_path / "o"), questions=2, k="1", modes="raw+prefix", max_new_tokens=2,
+                progress=False, plot=False, max_words=20)
+    run_multidoc(MultidocConfig(**base), model=model, tokenizer=tok, model_name="tiny")
+    small = run_multidoc(MultidocConfig(**{**base, "positions": "0"}), model=model, tokenizer=tok, model_name="tiny")
+    assert small.new == 0 and len(small.records) == 2
+    assert len((tmp_path / "o" / "results.jsonl").read_text().splitlines()) == 4  # kept, for a later rerun
+    (m,) = load_results([tmp_path / "o"])
+    assert len(m.multidoc) == 2 and {r["position"] for r in m.multidoc} == {0}

@@ -188,6 +188,9 @@ def run_multidoc(config: MultidocConfig | None = None, *, model: Any = None, tok
         getattr(store, "close", lambda: None)()  # the directory lock, where the store holds one
     if store.sharded:
         return MultidocRun(out=store.dir, records=records, summary=summarize(records), new=len(todo))
+    from ..niah.results import write_plan
+
+    write_plan(store.dir, [it.key for it in items])  # the report shows this run's answers, not older plans'
     summary = write_summary(store.dir, records)
     plots: list[Path] = []
     if cfg.plot and records:

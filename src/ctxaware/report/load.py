@@ -133,6 +133,10 @@ class _Collector:
         from ..niah.results import read_records
 
         records = read_records(d)
+        manifest = _json(d / "manifest.json") if (d / "manifest.json").is_file() else {}
+        if isinstance(manifest.get("keys"), list):  # the last run's plan, never a blend with older plans' answers
+            keys = set(manifest["keys"])
+            records = [r for r in records if r.get("key") in keys] or records
         if not records:
             raise InputError(f"{d}: results.jsonl has no finished multi-document QA answers")
         model = model or records[0].get("model", "?")
