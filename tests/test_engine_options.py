@@ -193,3 +193,37 @@ def test_config_only_model_is_enough_for_the_grid_checks():
     with pytest.raises(ConfigError, match="exceed the model's window"):
         check_grid(NiahConfig(lengths="1000,4000"), model, None)
     assert check_grid(NiahConfig(lengths="1000"), model, SteeringConfig(alpha=0.5, heads="0-3")) == [1000]
+
+
+def test_adapter_merged_once_for_vllm(tmp_path, monkeypatch):
+    """vLLM loads no PEFT adapter directory (ctxaware train's LoRA arms): it gets the adapter merged into its base,
+    once, in the ctxaware cache; the merged model computes what load_model(adapter) computes."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from test_measure_models import tiny_model
+    from test_niah_unit import tiny_tokenizer
+
+    from ctxaware.engines import vllm_model_dir
+    from ctxaware.models import load_model
+
+    monkeypatch.setenv("CTXAWARE_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()
+    base = tiny_model("llama", vocab=len(tok), layers=2)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # the adapter names its base by this path
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    merged = vllm_model_dir(str(tmp_path / "adapter"))
+    assert merged.startswith(str(tmp_path / "cache")) and vllm_model_dir(str(tmp_path / "adapter")) == merged
+    assert vllm_model_dir(str(tmp_path / "base")) == str(tmp_path / "base")  # a plain directory as given
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    ref = load_model(str(tmp_path / "adapter"), dtype="float32", device="cpu").model
+    got = load_model(merged, dtype="float32", device="cpu").model
+    plain = load_model(str(tmp_path / "base"), dtype="float32", device="cpu").model
+    with torch.no_grad():
+        assert torch.allclose(got(ids).logits, ref(ids).logits, atol=1e-5)
+        assert not torch.allclose(got(ids).logits, plain(ids).logits, atol=1e-3)  # the adapter is in it
