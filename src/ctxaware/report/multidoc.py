@@ -112,9 +112,9 @@ def multidoc_findings(records: Sequence[dict[str, Any]]) -> list[Finding]:
                     pos[r["position"]].append(r["contains"])
             if pos:
                 curves[mode] = [sum(pos[p]) / len(pos[p]) for p in sorted(pos)]
-                parts.append(f"{mode} " + " / ".join(f"{v:.2f}" for v in curves[mode]))
+                parts.append(f"{mode} " + ", ".join(f"{p + 1}: {sum(pos[p]) / len(pos[p]):.2f}" for p in sorted(pos)))
         out.append(Finding("multidoc-curve", f"Multi-document QA, k = {k} distractors: accuracy (contains) by the gold "
-                                             f"document's position 1..{k + 1}: " + "; ".join(parts) + ".",
+                                             f"document's position (of {k + 1}): " + "; ".join(parts) + ".",
                            {"k": k, "curves": curves}))
         middle = k // 2
         if k >= 2:
