@@ -74,10 +74,12 @@ def _groups(meta: Any, steered: dict[int, B.RequestSteering]) -> list[dict[str, 
             pos[j, :ql] = torch.arange(sl - ql, sl)
             p = min(len(st.down), smax)
             down[j, :p] = st.down[:p]
+        steer = [r[4] for r in unit]
         groups.append({"index": torch.tensor([r[0] for r in unit]), "tok": tok, "valid": valid, "pos": pos,
                        "kv_len": torch.tensor([r[3] for r in unit]), "smax": smax, "down": down,
-                       "steer": [r[4] for r in unit], "decode": qmax == 1,
-                       "serials": tuple(r[4].serial for r in unit)})
+                       "steer": steer, "decode": qmax == 1, "serials": tuple(st.serial for st in steer),
+                       "coef": torch.stack([st.coef for st in steer], dim=1),  # (layers, R, heads)
+                       "rows": tok[valid], "every_layer": frozenset.intersection(*(st.layers for st in steer))})
     return groups
 
 
@@ -164,10 +166,13 @@ class SteeredCPUAttentionImpl(CPUAttentionBackendImpl):
             if k.shape[2] > down.shape[1]:
                 down = torch.nn.functional.pad(down, (0, k.shape[2] - down.shape[1]))
             q = query[g["tok"]].view(*g["tok"].shape, self.num_heads, d)
-            coef = torch.stack([st.coef[layer_index, h0:h0 + self.num_heads] for st in g["steer"]])
+            coef = g["coef"][layer_index, :, h0:h0 + self.num_heads]
             rows = steered_attention(q, k, v, q_pos=g["pos"], kv_len=g["kv_len"], coef=coef, down=down,
                                      scale=self.scale, softcap=float(self.logits_soft_cap or 0.0),
                                      window=self.sliding_window)
+            if layer_index in g["every_layer"]:  # the common case: every request of the group steers this layer
+                out[g["rows"]] = rows[g["valid"]].to(out.dtype)
+                continue
             here = torch.tensor([layer_index in st.layers for st in g["steer"]])
             keep = g["valid"] & here[:, None]
             out[g["tok"][keep]] = rows[keep].to(out.dtype)

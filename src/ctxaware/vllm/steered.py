@@ -11,8 +11,10 @@ heads of the layer, 0 elsewhere; "down-weighted" = a prompt key outside the emph
 (METHOD §2). Grouped-query attention is computed per KV head without repeating K/V.
 
 Vectorised over requests (padded to the longest), query rows (in chunks that bound the
-``rows × heads × keys`` score block) and heads; computed in float32 (float64 stays float64) and
-cast back to the output's dtype.
+``rows × heads × keys`` score block) and heads; without softcap one fused
+``scaled_dot_product_attention`` call per chunk (bias and masks as its additive mask, GQA inside),
+with softcap explicit matmuls; computed in float32 (float64 stays float64), cast back to the
+output's dtype.
 """
 
 from __future__ import annotations
@@ -48,16 +50,23 @@ def steered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     step = max(1, SCORE_BUDGET // max(1, r * hq * s))
     for a in range(0, q, step):
         b = min(q, a + step)
+        pos = q_pos[:, a:b]  # (R, Qc)
+        allowed = valid[:, None, :] & (keys[None, None, :] <= pos[:, :, None])
+        if window is not None and window > 0:
+            allowed = allowed & (pos[:, :, None] - keys[None, None, :] < window)
+        if not softcap:  # one fused call: the bias and the masks as one additive mask, GQA in the kernel
+            mask = bias.view(r, hq, 1, s).masked_fill(~allowed[:, None], float("-inf"))
+            qs = query[:, a:b].to(work).transpose(1, 2)  # (R, Hq, Qc, D)
+            o = torch.nn.functional.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
+                                                                 enable_gqa=hkv != hq)
+            out[:, a:b] = o.transpose(1, 2)  # rows with no allowed key (padding) are NaN and never read
+            continue
         # (R, Hkv, G·Qc, D) @ (R, Hkv, D, S): the query heads of a KV head share one matmul, K is not repeated
         qc = query[:, a:b].to(work).permute(0, 2, 1, 3).reshape(r, hkv, g * (b - a), d)
         scores = torch.matmul(qc, k.transpose(-1, -2)).view(r, hkv, g, b - a, s) * scale
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
         scores = scores + bias
-        pos = q_pos[:, a:b]  # (R, Qc)
-        allowed = valid[:, None, :] & (keys[None, None, :] <= pos[:, :, None])
-        if window is not None and window > 0:
-            allowed = allowed & (pos[:, :, None] - keys[None, None, :] < window)
         scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked padding rows -> 0
         o = torch.matmul(probs.view(r, hkv, g * (b - a), s), v)  # (R, Hkv, G·Qc, Dv)
