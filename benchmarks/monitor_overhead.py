@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     # them sooner): probes at 0, every, 2*every, ... and after the last step
     full = load_recipe(args.recipe)
     steps0 = full.max_steps
-    every0 = args.every or full.save_steps
+    every0 = full.save_steps  # the monitor's default interval (no evaluation by steps in the recipes)
     probes0 = 1 + steps0 // every0 + (steps0 % every0 != 0)
     per_step, per_probe = p["cpu"] / p["steps"], m["probe_cpu"] / max(m["probes"], 1)
     print(f"at the recipe's {steps0} steps, every {every0} ({probes0} probes): probing / training CPU "
