@@ -41,15 +41,16 @@ def lost(cells: dict[Cell, float], on: set[Cell] | None = None) -> set[Cell]:
 
 
 def where(cells: set[Cell], among: set[Cell] | None = None) -> str:
-    """A short description of where cells are: a list when few, else their length/depth range."""
+    """A short description of where cells are: a list when few, else their length/depth range (a cell may carry
+    more after its length and depth, e.g. the needle)."""
     if not cells:
         return ""
     if among is not None and cells == among and len(cells) > 1:
         return "every cell"
     ordered = sorted(cells)
     if len(ordered) <= 3:
-        return ", ".join(f"{L // 1000 if L % 1000 == 0 else L / 1000:g}k/{d:g} %" for L, d in ordered)
-    lmin, dmax = min(L for L, _ in ordered), max(d for _, d in ordered)
+        return ", ".join(f"{L // 1000 if L % 1000 == 0 else L / 1000:g}k/{d:g} %" for L, d, *_ in ordered)
+    lmin, dmax = min(c[0] for c in ordered), max(c[1] for c in ordered)
     return f"all at ≥ {lmin} tokens and depths ≤ {dmax:g} %"
 
 

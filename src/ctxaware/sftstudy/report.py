@@ -6,8 +6,15 @@ is its recall, an arm's NIH score is the mean over its cells with the standard e
 QA values and standard errors are lm-eval's. Table cells carry ``data-row``/``data-col``/
 ``data-value`` attributes so that the page can be checked against the files. One verdict sentence
 per comparison (conditional with ``[IND]`` vs vanilla, and the conditional arm with vs without
-``[IND]``) is computed from those numbers: a difference beyond two standard errors of the
-difference is called better or worse, a smaller one no clear difference. When the arms trained with
+``[IND]``) and column. NIH and MT-Bench are PAIRED tests over the same items: NIH cells paired by
+(length, depth, needle) within the compared modes, tested with the exact McNemar test of found
+(recall 1) vs lost when every recall is 0 or 1, else a paired permutation test of recall (bootstrap
+interval), reusing :func:`ctxaware.report.verdict.paired_test` and its rule that cells whose answers
+were cut by the token budget are not evidence; MT-Bench judgments paired by (question, turn), paired
+permutation test of the score. Each states the effect, its 95 % interval, p, n, the minimum
+detectable effect at that n, and "no difference detected at n = …" when not significant. QA keeps
+lm-eval's aggregates only (no per-question outcomes are stored), so its sentence is the unpaired
+two-standard-error comparison and says so. When the arms trained with
 the monitor, their context-awareness curves (template gap, user share, recall per probe mode against
 the step, one line per arm) are drawn from ``<arm>/model/context_awareness.jsonl``.
 """
@@ -25,7 +32,8 @@ from ..fsio import atomic_write_text
 from ..niah.config import canonical_mode
 from ..report import charts
 from ..report.html import CSS, _img, _table
-from ..report.verdict import Finding, cells_by_mode
+from .. import stats
+from ..report.verdict import Finding, budget, cells_by_mode, paired_test, where
 
 #: Table 3 rows: (row name, arm, NIH/QA with [IND])
 #: short panel names of the heatmaps (the mode is in the figure's title)
@@ -52,10 +60,9 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def _mtbench(arm_dir: Path, arm: str, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """MT-Bench score of an arm: mean ± standard error over its judged turns (``judgments.jsonl``) of ONE
-    (condition, judge model, judge endpoint): the study's last run (``run``: its summary), never a blend of two
-    judges or two conditions that reruns left in the file."""
+def _judgments(arm_dir: Path, arm: str, run: dict[str, Any] | None = None) -> list[dict[str, Any]] | None:
+    """The arm's scored MT-Bench judgments (``judgments.jsonl``) of ONE (condition, judge model, judge endpoint):
+    the study's last run (``run``: its summary); None when several are in the file and no run says which."""
     from ..fsio import read_jsonl
 
     path = arm_dir / "mtbench" / "judgments.jsonl"
@@ -65,9 +72,16 @@ def _mtbench(arm_dir: Path, arm: str, run: dict[str, Any] | None = None) -> dict
         rows = [j for j in rows if (j.get("condition"), j.get("judge"), j.get("judge_url")) ==
                 (run.get("condition"), run.get("judge"), run.get("judge_url"))]
     elif len({(j.get("condition"), j.get("judge"), j.get("judge_url")) for j in rows}) > 1:
-        return {"value": None, "se": None, "n": 0}  # several judges or conditions and no run says which: no blend
-    scores = [float(j["score"]) for j in rows if j.get("score") is not None]
-    v, se, n = mean_se(scores)
+        return None  # several judges or conditions and no run says which: no blend
+    return [j for j in rows if j.get("score") is not None]
+
+
+def _mtbench(arm_dir: Path, arm: str, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """MT-Bench score of an arm: mean ± standard error over its judged turns of one run (:func:`_judgments`)."""
+    rows = _judgments(arm_dir, arm, run)
+    if rows is None:
+        return {"value": None, "se": None, "n": 0}
+    v, se, n = mean_se([float(j["score"]) for j in rows])
     return {"value": v, "se": se, "n": n}
 
 
@@ -103,7 +117,7 @@ def table(out: str | Path) -> dict[str, Any]:
             ablation = arm == "conditional" and not ind
             run = ((state.get("stages") or {}).get("eval") or {}).get(arm, {}).get("mtbench")
             rows[name]["MT-Bench"] = {"value": None, "se": None, "n": 0} if ablation else _mtbench(out / arm, arm, run)
-    return {"columns": columns, "rows": rows, "state": state, "results": results}
+    return {"columns": columns, "rows": rows, "state": state, "results": results, "out": out}
 
 
 def _num(x: Any) -> str:
@@ -117,8 +131,13 @@ def _fmt(cell: dict[str, Any]) -> str:
     return f"{cell['value']:.3f}{se}"
 
 
-def compare(col: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, Any]) -> Finding | None:
-    """One verdict sentence: ``a`` against ``b`` on column ``col``."""
+UNPAIRED_QA = "unpaired: per-question outcomes not stored"
+
+
+def compare(col: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, Any],
+            note: str = UNPAIRED_QA) -> Finding | None:
+    """The UNPAIRED verdict sentence: ``a`` against ``b`` on column ``col`` from the aggregates (mean ± standard
+    error), used where no per-item outcomes exist; ``note`` says why it is not paired."""
     if a.get("value") is None or b.get("value") is None:
         return None
     d = a["value"] - b["value"]
@@ -133,17 +152,124 @@ def compare(col: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, 
         else:
             verdict = f"no clear difference (within two standard errors, {2 * se:.3f})"
     text = (f"{col}: {a_name} {_fmt(a)} vs {b_name} {_fmt(b)} (n = {a.get('n')} / {b.get('n')}), "
-            f"difference {d:+.3f}: {verdict}.")
-    return Finding("sft", text, {"column": col, "a": a_name, "b": b_name, "difference": d, "se": se})
+            f"difference {d:+.3f}: {verdict} ({note}).")
+    return Finding("sft", text, {"column": col, "a": a_name, "b": b_name, "difference": d, "se": se,
+                                 "paired": False, "note": note})
+
+
+def _head(col: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, Any]) -> str:
+    d = a["value"] - b["value"]
+    return (f"{col}: {a_name} {_fmt(a)} vs {b_name} {_fmt(b)} (n = {a.get('n')} / {b.get('n')}), "
+            f"difference {d:+.3f}.")
+
+
+def _direction(a_name: str, decisive: stats.Test) -> str:
+    return (f" {a_name} is {'better' if decisive.effect > 0 else 'worse'} on this column." if decisive.significant
+            and decisive.effect != 0 else "")
+
+
+def _mean_mde_phrase(n: int, sd: float, unit: str) -> str:
+    """What ``n`` paired items can detect in a mean difference (paired test, 80 % power) with differences of
+    deviation ``sd``."""
+    if n < 2 or not sd > 0:
+        return f"with {n} paired {unit} and no spread in their differences the detectable effect is not estimable"
+    return f"at n = {n} only a mean difference of ≥ {stats.mde_means(n, sd):.3f} is detected with 80 % power"
+
+
+def niah_cells(records: list[dict[str, Any]]) -> dict[tuple[int, float, str], float]:
+    """``{(length, depth, needle): recall}`` of one mode's NIH records (the last record of a cell wins)."""
+    return {(int(r["length"]), float(r["depth"]), str(r.get("needle", ""))): float(r["recall"]) for r in records}
+
+
+def compare_niah(col: str, a_name: str, a: dict[str, Any], a_records: list[dict[str, Any]], b_name: str,
+                 b: dict[str, Any], b_records: list[dict[str, Any]]) -> Finding | None:
+    """The PAIRED NIH verdict: ``a``'s cells against ``b``'s, paired by (length, depth, needle). Exact McNemar on
+    found/lost when every recall is 0 or 1 (:func:`~ctxaware.report.verdict.paired_test`), else a paired
+    permutation test of recall; a difference made of answers cut by the token budget is not attributed."""
+    if a.get("value") is None or b.get("value") is None:
+        return None
+    fa, fb = niah_cells(a_records), niah_cells(b_records)
+    common = set(fa) & set(fb)
+    if not common:
+        return compare(col, a_name, a, b_name, b, "unpaired: the arms share no NIH cell")
+    cut = {k for k in niah_cells([r for r in a_records + b_records if r.get("truncated")])}
+    tokens = budget(a_records + b_records)
+    order = sorted(common)
+    n = len(order)
+    if all(fa[c] in (0.0, 1.0) and fb[c] in (0.0, 1.0) for c in order):
+        text, nums = paired_test(fa, fb, common, cut, tokens)
+        decisive = stats.Test(**{k: v for k, v in nums["decisive"].items() if k != "significant"})
+    else:
+        t = stats.paired_mean([fa[c] for c in order], [fb[c] for c in order])
+        text = (f" Paired permutation test of recall over the {n} paired cells: {t.effect:+.3f} (95 % bootstrap CI "
+                f"{t.ci[0]:+.3f} to {t.ci[1]:+.3f}, p = {stats.format_p(t.p)})")
+        nums = {"test": t.to_dict(), "mde": stats.mde_means(n, t.extra["sd_diff"])}
+        decisive, m = t, n
+        differ = {c for c in order if fa[c] != fb[c]}
+        cut_differ = differ & cut
+        if cut_differ:
+            keep = [c for c in order if c not in cut_differ]
+            decisive = stats.paired_mean([fa[c] for c in keep], [fb[c] for c in keep])
+            m = len(keep)
+            text += (f"; {len(cut_differ)} of the {len(differ)} cells that differ hold an answer cut by the "
+                     f"{tokens or 'decoding'}-token budget ({where(cut_differ)}), not evidence either way; without "
+                     f"them {decisive.effect:+.3f}, p = {stats.format_p(decisive.p)}")
+            nums.update(truncated_differ=len(cut_differ), test_without_truncated=decisive.to_dict())
+        nums["decisive"] = decisive.to_dict()
+        verdict = "significant at the 5 % level" if decisive.significant else f"no difference detected at n = {m}"
+        text += f": {verdict}; {_mean_mde_phrase(n, t.extra['sd_diff'], 'cells')}."
+    return Finding("sft", _head(col, a_name, a, b_name, b) + text + _direction(a_name, decisive),
+                   {"column": col, "a": a_name, "b": b_name, "difference": a["value"] - b["value"], "paired": True,
+                    "cells": n, **nums})
+
+
+def compare_mtbench(col: str, a_name: str, a: dict[str, Any], a_rows: list[dict[str, Any]] | None, b_name: str,
+                    b: dict[str, Any], b_rows: list[dict[str, Any]] | None) -> Finding | None:
+    """The PAIRED MT-Bench verdict: judgments paired by (question, turn), paired permutation test of the score."""
+    if a.get("value") is None or b.get("value") is None:
+        return None
+    key = lambda j: (str(j["question_id"]), int(j["turn"]))  # noqa: E731
+    sa = {key(j): float(j["score"]) for j in a_rows or []}
+    sb = {key(j): float(j["score"]) for j in b_rows or []}
+    order = sorted(set(sa) & set(sb))
+    if not order:
+        return compare(col, a_name, a, b_name, b, "unpaired: no (question, turn) judged in both arms")
+    n = len(order)
+    t = stats.paired_mean([sa[k] for k in order], [sb[k] for k in order])
+    verdict = "significant at the 5 % level" if t.significant else f"no difference detected at n = {n}"
+    text = (f" Paired permutation test of the score over the {n} (question, turn) pairs judged in both arms: "
+            f"{t.effect:+.3f} (95 % bootstrap CI {t.ci[0]:+.3f} to {t.ci[1]:+.3f}, p = {stats.format_p(t.p)}): "
+            f"{verdict}; {_mean_mde_phrase(n, t.extra['sd_diff'], 'turns')}.")
+    return Finding("sft", _head(col, a_name, a, b_name, b) + text + _direction(a_name, t),
+                   {"column": col, "a": a_name, "b": b_name, "difference": a["value"] - b["value"], "paired": True,
+                    "pairs": n, "test": t.to_dict(), "decisive": t.to_dict(),
+                    "mde": stats.mde_means(n, t.extra["sd_diff"])})
 
 
 def verdicts(tab: dict[str, Any]) -> list[Finding]:
-    """Conditional + [IND] vs vanilla, then conditional with vs without [IND], per column."""
-    rows = tab["rows"]
+    """Conditional + [IND] vs vanilla, then conditional with vs without [IND], per column: paired for NIH and
+    MT-Bench (per-item outcomes), unpaired and said so for QA (aggregates only)."""
+    rows, results = tab["rows"], tab["results"]
+    arm_of = {name: (arm, ind) for name, arm, ind in ROWS}
+    run = lambda arm: (((tab["state"].get("stages") or {}).get("eval") or {}).get(arm) or {}).get("mtbench")  # noqa: E731
+
+    def niah_records(name: str, mode: str) -> list[dict[str, Any]]:
+        arm, ind = arm_of[name]
+        want = canonical_mode(mode + "+ind") if ind else mode
+        return [r for r in (results[arm].niah if arm in results else []) if r["mode"] == want]
+
     out = []
     for (a, b) in ((ROWS[1][0], ROWS[0][0]), (ROWS[1][0], ROWS[2][0])):
         for col in tab["columns"]:
-            f = compare(col, a, rows[a][col], b, rows[b][col])
+            if col.startswith("NIH "):
+                f = compare_niah(col, a, rows[a][col], niah_records(a, col[4:]), b, rows[b][col],
+                                 niah_records(b, col[4:]))
+            elif col == "MT-Bench" and "out" in tab:
+                (arm_a, _), (arm_b, _) = arm_of[a], arm_of[b]
+                f = compare_mtbench(col, a, rows[a][col], _judgments(tab["out"] / arm_a, arm_a, run(arm_a)), b,
+                                    rows[b][col], _judgments(tab["out"] / arm_b, arm_b, run(arm_b)))
+            else:
+                f = compare(col, a, rows[a][col], b, rows[b][col])
             if f:
                 out.append(f)
     return out
